@@ -1,0 +1,1 @@
+"""snapctl, the command line of dittofs."""

@@ -1,0 +1,217 @@
+"""The allocator: which blocks of the pool are in use, for data and metadata alike.
+
+The whole bitmap lives in memory (2 MiB for 1 TiB of 64 KiB blocks) as two arrays:
+* `busy`   - what allocation must avoid: in use now, or freed by the open transaction;
+* `state`  - what the next commit records: in use now.
+A block freed in the open transaction is clear in `state` but stays set in `busy` until that
+transaction commits, because the committed metadata may still point at it (ARCHITECTURE.md §3).
+After the commit the freed blocks become allocatable and are handed back to the host (punched
+out of an image file, discarded on a device).
+
+On disk the bitmap is a radix tree of bitmap blocks. Writing it allocates blocks, which changes
+the bitmap: `commit()` first reserves exactly the blocks the tree needs (repeating until no new
+bitmap block turns dirty), then serialises `state` and writes the tree into the reserved blocks.
+
+A growable pool (an image file) extends its capacity instead of failing when it runs out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from .errors import NoSpace
+from .layout import (
+    BT_BITMAP,
+    HEADER_SIZE,
+    OWNER_BITMAP,
+    bitmap_bits_per_block,
+    first_data_block,
+)
+from .radix import MetaStore, RadixTree
+
+_NOT_FULL = re.compile(b"[^\xff]")
+
+
+class Allocator:
+    def __init__(
+        self,
+        store: MetaStore,
+        capacity_blocks: int,
+        growable: bool,
+        reserve_blocks: int = 0,
+    ) -> None:
+        self.store = store
+        self.block_size = store.block_size
+        self.bits_per_leaf = bitmap_bits_per_block(self.block_size)
+        self.capacity = capacity_blocks
+        self.growable = growable
+        self.reserve = reserve_blocks
+        nbytes = (capacity_blocks + 7) // 8
+        self.busy = bytearray(nbytes)
+        self.state = bytearray(nbytes)
+        self.pending: list[int] = []  # freed in the open transaction
+        self.dirty_leaves: set[int] = set()
+        self.free_count = capacity_blocks
+        self.cursor = 0
+        self.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
+        self.grown = False
+        store.allocate_address = self.allocate
+        store.free_address = self.free
+
+    # --- setup --------------------------------------------------------------------------------
+
+    def format(self) -> None:
+        """A new pool: only the superblock area is in use."""
+        for b in range(first_data_block(self.block_size)):
+            self._set(b)
+        self._mark_tail()
+        self.dirty_leaves.update(range(self._leaf_count()))
+
+    def load(self, root: int, height: int) -> None:
+        self.tree = RadixTree(self.store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf, root, height)
+        leaf_bytes = self.bits_per_leaf // 8
+        for leaf_no, node in self.tree.iter_leaves():
+            start = leaf_no * leaf_bytes
+            if start >= len(self.state):
+                break
+            chunk = node.buf[HEADER_SIZE : HEADER_SIZE + min(leaf_bytes, len(self.state) - start)]
+            self.state[start : start + len(chunk)] = chunk
+        self.busy[:] = self.state
+        self._mark_tail()
+        self.free_count = self.capacity - self._count_set(self.state, self.capacity)
+
+    def _leaf_count(self) -> int:
+        return (self.capacity + self.bits_per_leaf - 1) // self.bits_per_leaf
+
+    def _mark_tail(self) -> None:
+        """Bits past the capacity in the last byte are permanently in use."""
+        for b in range(self.capacity, len(self.state) * 8):
+            self.state[b >> 3] |= 1 << (b & 7)
+            self.busy[b >> 3] |= 1 << (b & 7)
+
+    @staticmethod
+    def _count_set(bits: bytearray, capacity: int) -> int:
+        full = capacity // 8
+        n = int.from_bytes(bits[:full], "little").bit_count()
+        for b in range(full * 8, capacity):
+            if bits[b >> 3] >> (b & 7) & 1:
+                n += 1
+        return n
+
+    # --- allocation ---------------------------------------------------------------------------
+
+    def _set(self, b: int) -> None:
+        m = 1 << (b & 7)
+        self.busy[b >> 3] |= m
+        self.state[b >> 3] |= m
+        self.free_count -= 1
+        self.dirty_leaves.add(b // self.bits_per_leaf)
+
+    def is_allocated(self, b: int) -> bool:
+        return bool(self.state[b >> 3] >> (b & 7) & 1)
+
+    def allocate(self, for_data: bool = False) -> int:
+        """One free block. Data allocations leave `reserve` blocks for metadata."""
+        if for_data and self.free_count <= self.reserve and not self.growable:
+            raise NoSpace(
+                "the pool is full: delete snapshots ('snapctl delete') or trim unused space "
+                "in the volume to free blocks"
+            )
+        b = self._find_free()
+        if b < 0:
+            if not self.growable:
+                raise NoSpace(
+                    "the pool is full: delete snapshots ('snapctl delete') or trim unused "
+                    "space in the volume to free blocks"
+                )
+            self._grow(max(256, self.capacity // 4))
+            b = self._find_free()
+        self._set(b)
+        self.cursor = b + 1
+        return b
+
+    def _find_free(self) -> int:
+        for start, end in ((self.cursor >> 3, len(self.busy)), (0, self.cursor >> 3)):
+            m = _NOT_FULL.search(self.busy, start, end) if start < end else None
+            while m is not None:
+                i = m.start()
+                byte = self.busy[i]
+                for bit in range(8):
+                    if not byte >> bit & 1:
+                        b = i * 8 + bit
+                        if b < self.capacity:
+                            return b
+                m = _NOT_FULL.search(self.busy, i + 1, end)
+        return -1
+
+    def _grow(self, extra: int) -> None:
+        old = self.capacity
+        self.capacity = old + extra
+        nbytes = (self.capacity + 7) // 8
+        # the old tail bits were "beyond capacity"; they are real blocks now
+        for b in range(old, min(len(self.state) * 8, self.capacity)):
+            self.state[b >> 3] &= ~(1 << (b & 7))
+            self.busy[b >> 3] &= ~(1 << (b & 7))
+        self.state.extend(bytes(nbytes - len(self.state)))
+        self.busy.extend(bytes(nbytes - len(self.busy)))
+        self._mark_tail()
+        self.free_count += extra
+        self.dirty_leaves.update(range(old // self.bits_per_leaf, self._leaf_count()))
+        self.grown = True
+
+    def free(self, b: int) -> None:
+        """Release a block; it becomes allocatable once the open transaction commits."""
+        m = 1 << (b & 7)
+        assert self.state[b >> 3] & m, f"block {b} freed twice"
+        self.state[b >> 3] &= ~m
+        self.pending.append(b)
+        self.free_count += 1
+        self.dirty_leaves.add(b // self.bits_per_leaf)
+
+    def free_many(self, blocks: Iterable[int]) -> None:
+        for b in blocks:
+            self.free(b)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.capacity - self.free_count
+
+    # --- commit -------------------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Write the bitmap tree for the state as it is now (called last in a commit)."""
+        reserved: list[int] = []
+        prepared: set[int] = set()
+        while True:
+            todo = self.dirty_leaves - prepared
+            for leaf_no in sorted(todo):
+                self.tree.leaf_for_write(leaf_no)  # may free old addresses: more dirty leaves
+                prepared.add(leaf_no)
+            need = self.tree.count_dirty()
+            while len(reserved) < need:
+                reserved.append(self.allocate())
+            if not (self.dirty_leaves - prepared) and len(reserved) == need:
+                break
+        leaf_bytes = self.bits_per_leaf // 8
+        for leaf_no in prepared:
+            node = self.tree.leaf_for_write(leaf_no)
+            start = leaf_no * leaf_bytes
+            chunk = self.state[start : start + leaf_bytes]
+            node.buf[HEADER_SIZE : HEADER_SIZE + len(chunk)] = chunk
+            node.buf[HEADER_SIZE + len(chunk) :] = bytes(leaf_bytes - len(chunk))
+            node.count = 1
+        reserved.reverse()  # hand out in ascending order: the tree lands contiguously
+        self.tree.commit(allocate=reserved.pop, keep_empty=True)
+        assert not reserved
+        self.dirty_leaves.clear()
+
+    def release_pending(self) -> list[int]:
+        """After a durable commit: freed blocks become allocatable. Returns them."""
+        freed = self.pending
+        self.pending = []
+        for b in freed:
+            self.busy[b >> 3] &= ~(1 << (b & 7))
+        if freed:
+            self.cursor = min(self.cursor, min(freed))
+        return freed

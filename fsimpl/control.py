@@ -1,0 +1,195 @@
+"""The control plane: management operations as JSON lines over a Unix socket.
+
+`dispatch()` maps an operation name and its arguments to an engine call and a JSON-ready result;
+the socket server and snapctl's direct mode both go through it, so a command answers the same
+with or without a server. The protocol (docs/control-protocol.md): one JSON object per line,
+at most MAX_MESSAGE bytes; a request {"v": 1, "id": N, "op": OP, "args": {...}} gets zero or more
+{"v": 1, "id": N, "progress": {"done": D, "total": T}} lines, then exactly one reply
+{"v": 1, "id": N, "ok": true, "result": ...} or {"v": 1, "id": N, "ok": false, "error": {"code",
+"message", "exit_code"}}.
+
+Only root and the server's own user may connect: the socket is mode 0600 inside a 0700
+directory, and each connection's peer uid is checked with SO_PEERCRED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from .engine import Engine, Progress, SnapshotInfo
+from .errors import DittoError, InvalidArgument, PermissionDenied, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 1 << 20
+
+
+def snapshot_json(info: SnapshotInfo) -> dict[str, Any]:
+    d = asdict(info)
+    d["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_ns / 1e9))
+    return d
+
+
+def _str(args: dict[str, Any], key: str, required: bool = True) -> str | None:
+    v = args.get(key)
+    if v is None and not required:
+        return None
+    if not isinstance(v, str):
+        raise InvalidArgument(f"argument '{key}' must be a string")
+    return v
+
+
+def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress | None) -> Any:
+    """Run one management operation; raises DittoError on failure."""
+    if op == "hello":
+        return {"protocol": PROTOCOL_VERSION, "pid": os.getpid()}
+    if op == "info":
+        return engine.info()
+    if op == "list":
+        return [snapshot_json(s) for s in engine.list_snapshots()]
+    if op == "create":
+        vols = args.get("volumes")
+        if vols is not None and not (isinstance(vols, list) and all(isinstance(v, str) for v in vols)):
+            raise InvalidArgument("argument 'volumes' must be a list of volume names")
+        return snapshot_json(engine.create_snapshot(_str(args, "name") or "", vols))
+    if op == "delete":
+        freed = engine.delete_snapshot(_str(args, "name") or "", progress)
+        return {"freed_bytes": freed}
+    if op == "rollback":
+        engine.rollback(_str(args, "name") or "", _str(args, "volume", False) or "live")
+        return {}
+    if op == "diff":
+        ranges = engine.diff_blocks(
+            _str(args, "from") or "", _str(args, "to", False), _str(args, "volume", False) or "live"
+        )
+        return {"ranges": ranges, "changed_bytes": sum(n for _, n in ranges)}
+    if op == "exports":
+        return [{"name": n, "description": d} for n, d in engine.export_names()]
+    raise ProtocolError(f"unknown operation '{op}'")
+
+
+def error_json(e: DittoError) -> dict[str, Any]:
+    return {"code": e.code, "message": e.message, "exit_code": e.exit_code}
+
+
+class ControlServer:
+    """Serves dispatch() on a Unix socket, one thread per client connection."""
+
+    def __init__(self, engine: Engine, path: str, log: Callable[[str], None] = lambda m: None):
+        self.engine = engine
+        self.path = path
+        self.log = log
+        parent = os.path.dirname(path) or "."
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            self.sock.bind(path)
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.sock.listen(16)
+        self.owner_uid = os.getuid()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept_loop, name="dittofs-control", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+
+    def _accept_loop(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _peer_allowed(self, conn: socket.socket) -> bool:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        return uid == 0 or uid == self.owner_uid
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            f = conn.makefile("rwb", buffering=0)
+            if not self._peer_allowed(conn):
+                err = PermissionDenied(
+                    "only root or the user running the server may manage this pool"
+                )
+                _send(f, {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(err)})
+                return
+            while not self.stopping:
+                line = f.readline(MAX_MESSAGE + 1)
+                if not line:
+                    return
+                if len(line) > MAX_MESSAGE:
+                    err = ProtocolError(f"message longer than {MAX_MESSAGE} bytes; closing")
+                    _send(f, {"v": PROTOCOL_VERSION, "id": None, "ok": False,
+                              "error": error_json(err)})
+                    return
+                self._handle(f, line)
+
+    def _handle(self, f: Any, line: bytes) -> None:
+        rid: Any = None
+        try:
+            try:
+                req = json.loads(line)
+            except ValueError:
+                raise ProtocolError("a request must be one JSON object per line") from None
+            if not isinstance(req, dict):
+                raise ProtocolError("a request must be a JSON object")
+            rid = req.get("id")
+            if req.get("v") != PROTOCOL_VERSION:
+                raise ProtocolError(
+                    f"protocol version {req.get('v')!r} not supported (server speaks "
+                    f"{PROTOCOL_VERSION}); use the snapctl of the same dittofs release"
+                )
+            op = req.get("op")
+            args = req.get("args") or {}
+            if not isinstance(op, str) or not isinstance(args, dict):
+                raise ProtocolError("'op' must be a string and 'args' an object")
+
+            def progress(done: int, total: int) -> None:
+                _send(f, {"v": PROTOCOL_VERSION, "id": rid,
+                          "progress": {"done": done, "total": total}})
+
+            result = dispatch(self.engine, op, args, progress)
+            _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
+        except DittoError as e:
+            _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(e)})
+        except Exception as e:  # a bug: report it instead of killing the connection silently
+            self.log(f"control: internal error: {e!r}")
+            err = DittoError(f"internal error in the server: {e!r}")
+            _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(err)})
+
+
+def _send(f: Any, obj: dict[str, Any]) -> None:
+    try:
+        f.write(json.dumps(obj).encode() + b"\n")
+    except OSError:
+        pass  # the client went away; the operation itself has completed

@@ -1,0 +1,639 @@
+"""The engine facade: one open pool, its exports, and every operation the edges may ask for.
+
+The nbdkit plugin and the control server call only this module. It owns the engine lock (every
+public method takes it, so the engine is correct under any nbdkit thread model and beside the
+control thread), the commit policy (on FLUSH, on FUA, on every snapshot operation, and at most
+`COMMIT_INTERVAL` seconds after a change), name resolution of exports and snapshots, and the
+long operations, which run in steps of at most `STEP_SECONDS` with the lock released between
+steps. A deleted snapshot disappears at once; its blocks are reclaimed by those steps, resumed
+after a crash by whoever opens the pool next.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import snapshots as snapops
+from .device import Device
+from .errors import (
+    DittoError,
+    ExportGone,
+    InvalidArgument,
+    NameTaken,
+    NotFound,
+    OutOfRange,
+    PoolBusy,
+    ReadOnlyExport,
+    Refused,
+)
+from .layout import (
+    DEFAULT_BLOCK_SIZE,
+    FORMAT_VERSION,
+    KIND_ADDR,
+    OP_NONE,
+    OP_ROLLBACK,
+    ROLE_NAMES,
+    SNAP_ACTIVE,
+    SnapshotRecord,
+)
+from .probe import detect_signature
+from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
+from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
+from .volume import COW_COPY, COW_MOVE, Volume
+
+COMMIT_INTERVAL = 5.0
+STEP_SECONDS = 0.02
+EXTENTS_MAX_BLOCKS = 1 << 16
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Export:
+    """What one NBD connection opened: a volume, or one snapshot of it, fixed at connect."""
+
+    name: str
+    volume_ino: int
+    snap_id: int | None
+    readonly: bool
+    incarnation: int
+    size: int
+    description: str
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    id: int
+    guid: str
+    created_ns: int
+    volumes: list[str]
+    used_bytes: int
+    referenced_bytes: int
+    written_bytes: int
+    holds: list[str]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Engine:
+    def __init__(self, device: Device, pool: Pool, cow: str, cache_bytes: int) -> None:
+        if cow not in (COW_MOVE, COW_COPY):
+            raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
+        self.device = device
+        self.pool = pool
+        self.cow = cow
+        self.cache_bytes = cache_bytes
+        self.lock = threading.RLock()
+        self.last_commit = time.monotonic()
+        self.claimed_pid = 0
+        self.open_exports: dict[int, int] = {}  # volume ino -> writable connections
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        path: str,
+        *,
+        cow: str = COW_MOVE,
+        create_size: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        claim: bool = True,
+    ) -> Engine:
+        """Open (with create_size and a missing path: create) the pool on path, exclusively."""
+        if create_size is not None and not os.path.exists(path):
+            if create_size <= 0:
+                raise InvalidArgument(f"size={create_size}: the live volume needs a size > 0")
+            device = Device.create_image(path)
+            try:
+                device.lock()
+                pool = Pool.format(device, block_size, create_size, True, cache_bytes)
+            except BaseException:
+                device.close()
+                os.unlink(path)
+                raise
+        else:
+            try:
+                device = Device(path)
+            except FileNotFoundError:
+                raise NotFound(
+                    f"{path} does not exist; give size=SIZE to create an image file there"
+                ) from None
+            except OSError as e:
+                raise DittoError(f"cannot open {path}: {e.strerror}") from None
+            try:
+                _lock(device)
+                pool = Pool.open(device, cache_bytes)
+                _check_inuse(path, pool)
+            except BaseException:
+                device.close()
+                raise
+        engine = cls(device, pool, cow, cache_bytes)
+        if claim:
+            engine.claim(os.getpid())
+        return engine
+
+    @staticmethod
+    def format(
+        path: str,
+        size: int | None = None,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        force: bool = False,
+    ) -> dict[str, object]:
+        """Make a pool on path: a new image file (size required), an existing file, or a block
+        device (live defaults to the device's size; thin either way). Refuses a disk that holds
+        a file system, a partition table or a pool unless force."""
+        if size is not None and size <= 0:
+            raise InvalidArgument(f"size {size}: the live volume needs a size > 0")
+        created = not os.path.exists(path)
+        if created:
+            if size is None:
+                raise InvalidArgument(
+                    f"{path} does not exist: give --size to create an image file there"
+                )
+            device = Device.create_image(path)
+        else:
+            device = Device(path)
+        try:
+            _lock(device)
+            found = None if created else detect_signature(device)
+            if found and not force:
+                raise Refused(
+                    f"{path} holds {found}; formatting would destroy it. Add --force if "
+                    "that is what you want"
+                )
+            if size is None:
+                size = device.size()
+                if size <= 0:
+                    raise InvalidArgument(f"{path} is empty: give --size for the live volume")
+            pool = Pool.format(device, block_size, size, not device.is_block_device)
+            return {
+                "disk": path,
+                "block_size": block_size,
+                "live_size": size,
+                "capacity_bytes": pool.allocator.capacity * block_size,
+                "growable": pool.sb.growable,
+                "pool_guid": pool.sb.pool_guid.hex(),
+            }
+        except BaseException:
+            device.close()
+            if created:
+                os.unlink(path)
+            raise
+        finally:
+            device.close()
+
+    def claim(self, pid: int) -> None:
+        """Record this process in the pool's in-use record (and commit it)."""
+        with self.lock:
+            self.pool.set_inuse(pid)
+            self._commit()
+            self.claimed_pid = pid
+
+    def close(self) -> None:
+        with self.lock:
+            if self.device.fd < 0:
+                return
+            try:
+                if self.claimed_pid:
+                    self.pool.set_inuse(0)
+                self._commit()
+            finally:
+                self.device.close()
+
+    # --- commit policy ------------------------------------------------------------------------
+
+    def _commit(self) -> bool:
+        try:
+            done = self.pool.commit()
+        except BaseException:
+            # The open transaction is unusable after a failed commit: fall back to what is
+            # durable, so nothing half-written is ever served.
+            self._reload()
+            raise
+        self.last_commit = time.monotonic()
+        return done
+
+    def _reload(self) -> None:
+        pid = self.pool.sb.inuse_pid
+        self.pool = Pool.open(self.device, self.cache_bytes)
+        self.pool.sb.inuse_pid = pid
+
+    def abort(self) -> None:
+        """Drop every change since the last commit."""
+        with self.lock:
+            self._reload()
+
+    def flush(self) -> None:
+        with self.lock:
+            if not self._commit():
+                self.device.sync()
+
+    def tick(self) -> bool:
+        """Periodic work: commit a change older than COMMIT_INTERVAL, and take one step of a
+        pending delete or rollback. Returns True while background work remains."""
+        with self.lock:
+            more = self._background_step()
+            if self.pool.is_dirty and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+                self._commit()
+            return more
+
+    # --- exports ------------------------------------------------------------------------------
+
+    def volume(self, name: str) -> Volume:
+        for vol in self.pool.volumes.values():
+            if vol.name == name:
+                return vol
+        raise NotFound(f"no volume named '{name}' in this pool")
+
+    def snapshot(self, name: str) -> SnapshotRecord:
+        check_name(name)
+        for rec in self.pool.snapshots.values():
+            if rec.name == name and rec.state == SNAP_ACTIVE:
+                return rec
+        raise NotFound(f"no snapshot named '{name}'; 'snapctl list' shows the snapshots")
+
+    def _latest_of(self, vol: Volume) -> SnapshotRecord | None:
+        for sid in reversed(vol.chain):
+            rec = self.pool.snapshots[sid]
+            if rec.state == SNAP_ACTIVE:
+                return rec
+        return None
+
+    def export_names(self) -> list[tuple[str, str]]:
+        """(export name, description) for every export, for list_exports."""
+        with self.lock:
+            out: list[tuple[str, str]] = []
+            for vol in sorted(self.pool.volumes.values(), key=lambda v: v.ino):
+                out.append((vol.name, f"volume {vol.name} ({vol.inode.size} bytes, read-write)"))
+                latest = self._latest_of(vol)
+                if latest is not None:
+                    out.append(
+                        (f"{vol.name}@{LATEST}", f"newest snapshot of {vol.name}: {latest.name}")
+                    )
+                for sid in vol.chain:
+                    rec = self.pool.snapshots[sid]
+                    if rec.state == SNAP_ACTIVE:
+                        out.append((f"{vol.name}@{rec.name}", _describe_snapshot(rec, vol)))
+            return out
+
+    def open_export(self, name: str, readonly: bool) -> Export:
+        with self.lock:
+            parsed = parse_export(name)
+            vol = self.volume(parsed.volume)
+            if parsed.snapshot is None:
+                return Export(
+                    name or DEFAULT_VOLUME,
+                    vol.ino,
+                    None,
+                    readonly,
+                    vol.inode.incarnation,
+                    vol.inode.size,
+                    f"volume {vol.name} ({'read-only' if readonly else 'read-write'})",
+                )
+            if parsed.snapshot == LATEST:
+                rec = self._latest_of(vol)
+                if rec is None:
+                    raise NotFound(
+                        f"'{vol.name}@{LATEST}' names nothing yet: volume {vol.name} has no "
+                        "snapshots; create one with 'snapctl create NAME'"
+                    )
+            else:
+                rec = self.snapshot(parsed.snapshot)
+                if rec.id not in vol.shadows:
+                    raise NotFound(f"snapshot '{rec.name}' does not cover volume {vol.name}")
+            shadow = vol.shadows[rec.id]
+            return Export(
+                name,
+                vol.ino,
+                rec.id,
+                True,
+                vol.inode.incarnation,
+                shadow.inode.size,
+                _describe_snapshot(rec, vol),
+            )
+
+    def _volume_for(self, ex: Export) -> Volume:
+        vol = self.pool.volumes.get(ex.volume_ino)
+        if vol is None:
+            raise ExportGone(f"export {ex.name}: its volume was deleted; reconnect")
+        if ex.snap_id is not None:
+            rec = self.pool.snapshots.get(ex.snap_id)
+            if rec is None or rec.state != SNAP_ACTIVE:
+                raise ExportGone(
+                    f"export {ex.name}: the snapshot was deleted while this connection was "
+                    "open; reconnect to another export"
+                )
+        elif vol.inode.incarnation != ex.incarnation:
+            raise ExportGone(
+                f"export {ex.name}: the volume was rolled back since this connection opened; "
+                "reconnect to see it"
+            )
+        return vol
+
+    def _range(self, ex: Export, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > ex.size:
+            raise OutOfRange(
+                f"export {ex.name}: request [{offset}, {offset + length}) is past its end "
+                f"({ex.size} bytes)"
+            )
+
+    def _writable(self, ex: Export) -> Volume:
+        vol = self._volume_for(ex)
+        if ex.readonly or ex.snap_id is not None:
+            raise ReadOnlyExport(f"export {ex.name} is read-only: snapshots cannot be written")
+        if vol.inode.op != OP_NONE:
+            raise ReadOnlyExport(
+                f"export {ex.name}: a rollback of this volume is in progress; wait for it"
+            )
+        return vol
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def read(self, ex: Export, out: memoryview, offset: int) -> None:
+        if not len(out):
+            return
+        with self.lock:
+            vol = self._volume_for(ex)
+            self._range(ex, offset, len(out))
+            vol.read(self.pool.ctx, ex.snap_id, out, offset)
+
+    def write(self, ex: Export, data: memoryview, offset: int, fua: bool = False) -> None:
+        with self.lock:
+            vol = self._writable(ex)
+            self._range(ex, offset, len(data))
+            if len(data):
+                vol.write(self.pool.ctx, data, offset, self.cow)
+            if fua:
+                self._commit() or self.device.sync()
+
+    def trim(self, ex: Export, offset: int, length: int, fua: bool = False) -> None:
+        """Deallocate the whole blocks inside the range (partial blocks keep their data)."""
+        with self.lock:
+            vol = self._writable(ex)
+            self._range(ex, offset, length)
+            bs = self.pool.block_size
+            first = -(-offset // bs)
+            end = (offset + length) // bs
+            if end > first:
+                vol.deallocate(self.pool.ctx, first, end - first)
+            if fua:
+                self._commit() or self.device.sync()
+
+    def zero(self, ex: Export, offset: int, length: int, fua: bool = False) -> None:
+        with self.lock:
+            vol = self._writable(ex)
+            self._range(ex, offset, length)
+            bs = self.pool.block_size
+            first = -(-offset // bs)
+            end = (offset + length) // bs
+            if end > first:
+                vol.deallocate(self.pool.ctx, first, end - first)
+                edges = [(offset, first * bs - offset), (end * bs, offset + length - end * bs)]
+            else:
+                edges = [(offset, length)]
+            for off, n in edges:
+                if n > 0 and vol.live.get(off // bs).kind == KIND_ADDR:
+                    vol.write(self.pool.ctx, memoryview(bytes(n)), off, self.cow)
+            if fua:
+                self._commit() or self.device.sync()
+
+    def extents(self, ex: Export, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_hole) runs from offset; may cover less than length."""
+        with self.lock:
+            vol = self._volume_for(ex)
+            self._range(ex, offset, length)
+            bs = self.pool.block_size
+            length = min(length, EXTENTS_MAX_BLOCKS * bs - offset % bs)
+            return vol.extents(ex.snap_id, offset, length, bs)
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def create_snapshot(self, name: str, volumes: list[str] | None = None) -> SnapshotInfo:
+        with self.lock:
+            check_name(name)
+            if any(r.name == name and r.state == SNAP_ACTIVE for r in self.pool.snapshots.values()):
+                raise NameTaken(f"a snapshot named '{name}' already exists; pick another name")
+            if volumes:
+                vols = [self.volume(v) for v in dict.fromkeys(volumes)]
+            else:
+                vols = sorted(self.pool.volumes.values(), key=lambda v: v.ino)
+            for vol in vols:
+                if vol.inode.op != OP_NONE:
+                    raise Refused(f"volume {vol.name} is being rolled back; try again after")
+            rec = self.pool.create_snapshot(name, vols)
+            self._commit()
+            return self._info(rec)
+
+    def delete_snapshot(self, name: str, progress: Progress | None = None) -> int:
+        """Delete a snapshot; returns the bytes freed. Readers of it get ExportGone from now."""
+        with self.lock:
+            rec = self.snapshot(name)
+            if rec.holds:
+                raise Refused(
+                    f"snapshot '{name}' is held ({', '.join(rec.holds)}); release the holds "
+                    "with 'snapctl release' first"
+                )
+            before = self.pool.allocator.free_count
+            total = sum(v.shadows[rec.id].inode.entry_count for v in self.pool.covering(rec.id))
+            self.pool.mark_deleting(rec)
+            self._commit()
+        self._run_steps(lambda: rec.id in self.pool.snapshots, total, progress)
+        with self.lock:
+            self._commit()
+            return max(0, self.pool.allocator.free_count - before) * self.pool.block_size
+
+    def _run_steps(self, busy: Callable[[], bool], total: int, progress: Progress | None) -> None:
+        """Run background steps until busy() turns false, releasing the lock between steps."""
+        while True:
+            with self.lock:
+                if not busy():
+                    break
+                self._background_step()
+                if progress:
+                    left = sum(
+                        sh.inode.entry_count
+                        for sid in self.pool.pending_deletes()
+                        for v in self.pool.covering(sid)
+                        for sh in [v.shadows[sid]]
+                    )
+                    progress(max(0, total - left), total)
+            time.sleep(0)  # let request threads take the lock
+
+    def _background_step(self) -> bool:
+        """One bounded step of pending rollbacks, then deletes. Caller holds the lock."""
+        pool = self.pool
+        deadline = time.monotonic() + STEP_SECONDS
+        for vol in pool.volumes.values():
+            if vol.inode.op == OP_ROLLBACK:
+                sid = vol.inode.op_target
+                if snapops.rollback_step(pool.ctx, vol, sid, deadline):
+                    pool.finish_rollback(vol, sid)
+                    self._commit()
+                return True
+        pending = pool.pending_deletes()
+        if not pending:
+            return False
+        sid = pending[0]
+        done = all(
+            snapops.delete_step(pool.ctx, vol, sid, deadline) for vol in pool.covering(sid)
+        )
+        if done:
+            pool.finish_delete(sid)
+        return len(pending) > 1 or not done
+
+    def rollback(self, name: str, volume: str = DEFAULT_VOLUME) -> None:
+        """Make volume read exactly what snapshot name held (it must be the newest)."""
+        with self.lock:
+            rec = self.snapshot(name)
+            vol = self.volume(volume)
+            if rec.id not in vol.shadows:
+                raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
+            newer = [
+                self.pool.snapshots[s].name for s in vol.chain if s > rec.id
+            ]
+            if newer:
+                raise Refused(
+                    f"snapshots newer than '{name}' exist ({', '.join(newer)}); delete them "
+                    "first (or use --destroy-newer)"
+                )
+            vol.inode.op = OP_ROLLBACK
+            vol.inode.op_target = rec.id
+            vol.inode.incarnation += 1
+            self.pool.touch_inode(vol.inode)
+            self._commit()
+        self._run_steps(lambda: vol.inode.op == OP_ROLLBACK, 0, None)
+        with self.lock:
+            self._commit()
+
+    def diff_blocks(self, from_name: str, to_name: str | None, volume: str = DEFAULT_VOLUME
+                    ) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length) that may differ between two snapshots (to: None =
+        live), from the shadow maps alone."""
+        with self.lock:
+            vol = self.volume(volume)
+            a = self.snapshot(from_name)
+            b = self.snapshot(to_name) if to_name else None
+            if b is not None and b.id <= a.id:
+                raise InvalidArgument(f"'{from_name}' must be older than '{to_name}'")
+            bs = self.pool.block_size
+            blocks = snapops.changed_blocks(vol, a.id, b.id if b else None)
+            return [(f * bs, n * bs) for f, n in snapops.block_runs(blocks)]
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        with self.lock:
+            return [
+                self._info(r)
+                for r in sorted(self.pool.snapshots.values(), key=lambda r: r.id)
+                if r.state == SNAP_ACTIVE
+            ]
+
+    def _info(self, rec: SnapshotRecord) -> SnapshotInfo:
+        bs = self.pool.block_size
+        vols = self.pool.covering(rec.id)
+        used = referenced = written = 0
+        for vol in vols:
+            shadow = vol.shadows[rec.id]
+            used += snapops.unique_blocks(vol, rec.id)
+            referenced += shadow.inode.referenced_blocks
+            older = vol.older_than(rec.id)
+            written += (
+                vol.shadows[older].inode.owned_blocks if older else shadow.inode.referenced_blocks
+            )
+        return SnapshotInfo(
+            name=rec.name,
+            id=rec.id,
+            guid=rec.guid.hex(),
+            created_ns=rec.created_ns,
+            volumes=[v.name for v in vols],
+            used_bytes=used * bs,
+            referenced_bytes=referenced * bs,
+            written_bytes=written * bs,
+            holds=list(rec.holds),
+        )
+
+    def info(self) -> dict[str, object]:
+        with self.lock:
+            pool = self.pool
+            sb = pool.sb
+            bs = pool.block_size
+            return {
+                "disk": self.device.path,
+                "format_version": FORMAT_VERSION,
+                "pool_guid": sb.pool_guid.hex(),
+                "block_size": bs,
+                "capacity_bytes": pool.allocator.capacity * bs,
+                "growable": sb.growable,
+                "used_bytes": pool.allocator.used_blocks * bs,
+                "free_bytes": pool.allocator.free_count * bs,
+                "host_allocated_bytes": self.device.allocated_bytes(),
+                "generation": sb.generation,
+                "volumes": [
+                    {"name": v.name, "size_bytes": v.inode.size,
+                     "allocated_bytes": v.inode.owned_blocks * bs,
+                     "snapshots": sum(
+                         1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE)}
+                    for v in sorted(pool.volumes.values(), key=lambda v: v.ino)
+                ],
+                "snapshot_count": sum(
+                    1 for r in pool.snapshots.values() if r.state == SNAP_ACTIVE
+                ),
+                "pending_deletes": len(pool.pending_deletes()),
+                "role": ROLE_NAMES.get(sb.role, str(sb.role)),
+                "cow": self.cow,
+                "server_pid": sb.inuse_pid,
+            }
+
+
+def _describe_snapshot(rec: SnapshotRecord, vol: Volume) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec.created_ns / 1e9))
+    return f"snapshot {rec.name} of {vol.name}, taken {when} (read-only)"
+
+
+def _lock(device: Device) -> None:
+    """Take the disk's lock; when it is held, name the holder from the pool's in-use record
+    (the lock itself may carry the PID of a parent that forked the server and exited)."""
+    try:
+        device.lock()
+    except PoolBusy as e:
+        try:
+            pid = read_superblock(device).inuse_pid
+        except DittoError:
+            raise e from None
+        if pid and _pid_alive(pid):
+            raise PoolBusy(
+                f"{device.path} is in use by process {pid}; stop that server (or use "
+                "'snapctl -d DISK ...', which talks to it) instead of opening the pool twice"
+            ) from None
+        raise
+
+
+def _check_inuse(path: str, pool: Pool) -> None:
+    """Refuse a pool that another live process on this host (or any other host) has open,
+    possibly through a different path to the same disk."""
+    sb = pool.sb
+    if not sb.inuse_pid or sb.inuse_pid == os.getpid():
+        return
+    host = socket.gethostname()
+    if sb.inuse_host == host and not _pid_alive(sb.inuse_pid):
+        return  # a crashed server's stale record
+    where = "" if sb.inuse_host == host else f" on host {sb.inuse_host}"
+    raise PoolBusy(
+        f"{path} is in use by process {sb.inuse_pid}{where} (perhaps through another path "
+        "to the same disk); stop it first"
+    )

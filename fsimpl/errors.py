@@ -1,0 +1,200 @@
+"""The engine's one exception hierarchy.
+
+Every error the engine raises is a `DittoError`. Each subclass carries three translations, so the
+edges never guess: `code` (a stable string for the control protocol), `exit_code` (snapctl's exit
+status) and `errno` (what the nbdkit plugin hands to `nbdkit.set_error`). Messages say what went
+wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+# snapctl exit codes (docs/control-protocol.md)
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+
+
+class DittoError(Exception):
+    """Base of every engine error."""
+
+    code = "failed"
+    exit_code = EXIT_FAILED
+    errno = _errno.EIO
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+# --- raised when opening a disk --------------------------------------------------------------
+
+
+class NotAPool(DittoError):
+    """The disk holds no dittofs pool (or something else entirely)."""
+
+    code = "not_a_pool"
+    exit_code = EXIT_NOT_FOUND
+    errno = _errno.EINVAL
+
+
+class UnsupportedFormat(DittoError):
+    """The pool was written by a newer or unknown format version."""
+
+    code = "unsupported_format"
+
+
+class PoolTruncated(DittoError):
+    """The disk is smaller than the pool recorded on it."""
+
+    code = "truncated"
+
+
+class CorruptMetadata(DittoError):
+    """A metadata block failed its checksum, type or self-address check."""
+
+    code = "corrupt"
+
+    def __init__(self, message: str, address: int = -1, block_type: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.block_type = block_type
+
+
+class PoolBusy(DittoError):
+    """Another process holds the pool open."""
+
+    code = "busy"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EBUSY
+
+
+# --- raised by requests on exports -----------------------------------------------------------
+
+
+class NoSpace(DittoError):
+    """The pool (or the file system under an image) is full."""
+
+    code = "no_space"
+    errno = _errno.ENOSPC
+
+
+class ReadOnlyExport(DittoError):
+    """A write reached a read-only export (a snapshot, or live during a rollback)."""
+
+    code = "read_only"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EPERM
+
+
+class ExportGone(DittoError):
+    """The snapshot or volume behind an open connection was deleted or rolled back."""
+
+    code = "gone"
+    errno = _errno.EIO
+
+
+class OutOfRange(DittoError):
+    """A request reaches past the end of the export."""
+
+    code = "out_of_range"
+    errno = _errno.EINVAL
+
+
+# --- raised by management operations ---------------------------------------------------------
+
+
+class InvalidName(DittoError):
+    """A snapshot, volume or export name breaks the naming rules."""
+
+    code = "invalid_name"
+    exit_code = EXIT_USAGE
+    errno = _errno.EINVAL
+
+
+class InvalidArgument(DittoError):
+    """An argument is out of range or contradicts the pool."""
+
+    code = "invalid_argument"
+    exit_code = EXIT_USAGE
+    errno = _errno.EINVAL
+
+
+class NotFound(DittoError):
+    """A named snapshot, volume or export does not exist."""
+
+    code = "not_found"
+    exit_code = EXIT_NOT_FOUND
+    errno = _errno.ENOENT
+
+
+class NameTaken(DittoError):
+    """A snapshot or volume of that name already exists."""
+
+    code = "exists"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EEXIST
+
+
+class Refused(DittoError):
+    """The operation would break a rule the user set (holds, newer snapshots, busy exports)."""
+
+    code = "refused"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EBUSY
+
+
+# --- raised at the control plane -------------------------------------------------------------
+
+
+class ProtocolError(DittoError):
+    """A control-socket message was malformed, too large or of an unknown version."""
+
+    code = "protocol"
+    exit_code = EXIT_FAILED
+    errno = _errno.EPROTO
+
+
+class ServerUnavailable(DittoError):
+    """The pool's server could not be reached."""
+
+    code = "unavailable"
+    exit_code = EXIT_FAILED
+
+
+class PermissionDenied(DittoError):
+    """The caller may not manage this pool."""
+
+    code = "permission"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EACCES
+
+
+ERRORS_BY_CODE: dict[str, type[DittoError]] = {
+    cls.code: cls
+    for cls in (
+        DittoError,
+        NotAPool,
+        UnsupportedFormat,
+        PoolTruncated,
+        CorruptMetadata,
+        PoolBusy,
+        NoSpace,
+        ReadOnlyExport,
+        ExportGone,
+        OutOfRange,
+        InvalidName,
+        InvalidArgument,
+        NotFound,
+        NameTaken,
+        Refused,
+        ProtocolError,
+        ServerUnavailable,
+        PermissionDenied,
+    )
+}

@@ -1,0 +1,430 @@
+"""Copy-on-write radix trees of metadata blocks, and the bounded cache they are read through.
+
+Every persistent map in a pool (a volume's block map, a snapshot's shadow map, the inode table,
+the snapshot table, the free-space bitmap) is a radix tree: interior nodes hold 8-byte child
+addresses, leaves hold fixed-size records. A key's leaf is `key // leaf_capacity`; an absent
+subtree (address 0) means "all records zero", which is why a new snapshot's shadow map costs
+nothing: it is an empty tree.
+
+Copy-on-write rules (the crash-safety argument rests on them):
+* A committed node is never modified in place. The first change in a transaction turns it
+  *dirty*: it leaves the address cache and its old address is freed through `free_address`,
+  which the allocator keeps unusable until the transaction commits.
+* Dirty nodes are pinned in their parent's `children` (the root in the tree), so they never
+  depend on the cache. Clean nodes are reached through their address and the LRU cache only:
+  memory stays bounded whatever the pool size.
+* `commit()` writes dirty nodes bottom-up at freshly allocated addresses; the superblock that
+  makes them current is written by the transaction layer after a sync.
+
+Locking: callers hold the engine lock for every call below.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+
+from .device import Device
+from .layout import (
+    BT_INTERIOR,
+    HEADER_SIZE,
+    get_pointer,
+    interior_fanout,
+    open_block,
+    seal_block,
+    set_pointer,
+)
+
+
+class Node:
+    """One metadata block in memory."""
+
+    __slots__ = ("buf", "level", "addr", "dirty", "children", "count", "mask")
+
+    def __init__(self, buf: bytearray, level: int, addr: int, count: int = 0) -> None:
+        self.buf = buf
+        self.level = level
+        self.addr = addr  # where it lives on disk; 0 while dirty or new
+        self.dirty = False
+        self.children: dict[int, Node] = {}  # interior: dirty children, pinned
+        self.count = count  # leaf: records in use
+        self.mask: int | None = None  # leaf: owner's cached summary (e.g. non-empty entries)
+
+
+class MetaStore:
+    """Reads, caches and writes metadata blocks for every tree of one pool."""
+
+    def __init__(self, device: Device, block_size: int, cache_bytes: int) -> None:
+        self.device = device
+        self.block_size = block_size
+        self.fanout = interior_fanout(block_size)
+        self.cache: OrderedDict[int, Node] = OrderedDict()
+        self.cache_limit = max(16, cache_bytes // block_size)
+        self.generation = 0  # the generation the open transaction will commit as
+        # Set by the allocator once it exists (it is itself stored in a tree).
+        self.allocate_address: Callable[[], int] = _no_allocator
+        self.free_address: Callable[[int], None] = _no_allocator_free
+        self.nodes_read = 0
+        self.nodes_written = 0
+
+    def load(self, addr: int, btype: int, level: int) -> Node:
+        node = self.cache.get(addr)
+        if node is not None:
+            self.cache.move_to_end(addr)
+            return node
+        buf = self.device.pread(self.block_size, addr * self.block_size)
+        hdr = open_block(buf, addr, btype)
+        node = Node(buf, hdr.level, addr, hdr.count)
+        self.nodes_read += 1
+        self.cache[addr] = node
+        if len(self.cache) > self.cache_limit:
+            self.cache.popitem(last=False)
+        return node
+
+    def make_dirty(self, node: Node) -> None:
+        if node.dirty:
+            return
+        node.dirty = True
+        if node.addr:
+            self.cache.pop(node.addr, None)
+            self.free_address(node.addr)
+            node.addr = 0
+
+    def forget(self, addr: int) -> None:
+        """Free a clean node's address (its tree no longer references it)."""
+        self.cache.pop(addr, None)
+        self.free_address(addr)
+
+    def write(
+        self,
+        node: Node,
+        btype: int,
+        owner: int,
+        key_base: int,
+        allocate: Callable[[], int] | None = None,
+    ) -> int:
+        addr = (allocate or self.allocate_address)()
+        seal_block(
+            node.buf, btype, addr, self.generation, owner, node.level, node.count, key_base
+        )
+        self.device.pwrite(node.buf, addr * self.block_size)
+        self.nodes_written += 1
+        node.addr = addr
+        node.dirty = False
+        self.cache[addr] = node
+        if len(self.cache) > self.cache_limit:
+            self.cache.popitem(last=False)
+        return addr
+
+    def new_node(self, level: int) -> Node:
+        node = Node(bytearray(self.block_size), level, 0)
+        node.dirty = True
+        return node
+
+    def drop_cache(self) -> None:
+        self.cache.clear()
+
+
+def _no_allocator() -> int:
+    raise AssertionError("metadata store used before the allocator was attached")
+
+
+def _no_allocator_free(addr: int) -> None:
+    raise AssertionError("metadata store used before the allocator was attached")
+
+
+class RadixTree:
+    """A copy-on-write radix tree with `leaf_capacity` records per leaf."""
+
+    def __init__(
+        self,
+        store: MetaStore,
+        owner: int,
+        leaf_type: int,
+        leaf_capacity: int,
+        root: int = 0,
+        height: int = 0,
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self.leaf_type = leaf_type
+        self.leaf_capacity = leaf_capacity
+        self.root_addr = root
+        self.height = height  # interior levels above the leaves
+        self.root_node: Node | None = None  # pinned only while dirty
+        self.fanout = store.fanout
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def is_empty(self) -> bool:
+        return self.root_addr == 0 and self.root_node is None
+
+    @property
+    def is_dirty(self) -> bool:
+        return self.root_node is not None
+
+    def _type_at(self, level: int) -> int:
+        return self.leaf_type if level == 0 else BT_INTERIOR
+
+    def _root(self) -> Node | None:
+        if self.root_node is not None:
+            return self.root_node
+        if self.root_addr == 0:
+            return None
+        return self.store.load(self.root_addr, self._type_at(self.height), self.height)
+
+    def leaf(self, leaf_no: int) -> Node | None:
+        """The leaf holding records [leaf_no * capacity, ...), or None if it is absent."""
+        node = self._root()
+        if node is None:
+            return None
+        fan = self.fanout
+        level = self.height
+        if level == 0:
+            return node if leaf_no == 0 else None
+        span = fan ** (level - 1)
+        if leaf_no >= span * fan:
+            return None
+        load = self.store.load
+        while level > 0:
+            slot = (leaf_no // span) % fan
+            child = node.children.get(slot) if node.dirty else None
+            if child is None:
+                addr = get_pointer(node.buf, slot)
+                if addr == 0:
+                    return None
+                child = load(addr, self.leaf_type if level == 1 else BT_INTERIOR, level - 1)
+            node = child
+            level -= 1
+            span //= fan
+        return node
+
+    def iter_leaves(self, start: int = 0) -> Iterator[tuple[int, Node]]:
+        """Present leaves with leaf number >= start, in order. Don't mutate the tree meanwhile."""
+        root = self._root()
+        if root is None:
+            return
+        if self.height == 0:
+            if start == 0:
+                yield 0, root
+            return
+        yield from self._iter(root, self.height, 0, start)
+
+    def _iter(self, node: Node, level: int, base: int, start: int) -> Iterator[tuple[int, Node]]:
+        span = self.fanout ** (level - 1)
+        first = max(0, (start - base) // span)
+        for slot in self._present_slots(node, first):
+            child_base = base + slot * span
+            if child_base + span <= start:
+                continue
+            child = node.children.get(slot) if node.dirty else None
+            if child is None:
+                addr = get_pointer(node.buf, slot)
+                child = self.store.load(addr, self._type_at(level - 1), level - 1)
+            if level == 1:
+                yield child_base, child
+            else:
+                yield from self._iter(child, level - 1, child_base, start)
+
+    def _present_slots(self, node: Node, first: int) -> list[int]:
+        ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
+        slots = {i for i in range(first, self.fanout) if ptrs[i]}
+        if node.dirty:
+            slots.update(s for s in node.children if s >= first)
+        return sorted(slots)
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def _grow_to(self, leaf_no: int) -> None:
+        while leaf_no >= self.fanout**self.height:
+            old = self._root()
+            new_root = self.store.new_node(self.height + 1)
+            if old is not None:
+                if old.dirty:
+                    new_root.children[0] = old
+                else:
+                    set_pointer(new_root.buf, 0, old.addr)
+            self.root_node = new_root
+            self.root_addr = 0
+            self.height += 1
+
+    def _dirty_root(self) -> Node:
+        node = self._root()
+        if node is None:
+            node = self.store.new_node(self.height)
+        else:
+            self.store.make_dirty(node)
+        self.root_node = node
+        self.root_addr = 0
+        return node
+
+    def leaf_for_write(self, leaf_no: int) -> Node:
+        """The leaf for leaf_no, dirty and pinned (created zeroed if absent)."""
+        self._grow_to(leaf_no)
+        node = self._dirty_root()
+        level = self.height
+        fan = self.fanout
+        span = fan ** (level - 1) if level else 0
+        store = self.store
+        while level > 0:
+            slot = (leaf_no // span) % fan
+            child = node.children.get(slot)
+            if child is None:
+                addr = get_pointer(node.buf, slot)
+                if addr == 0:
+                    child = store.new_node(level - 1)
+                else:
+                    child = store.load(addr, self._type_at(level - 1), level - 1)
+                    store.make_dirty(child)
+                    set_pointer(node.buf, slot, 0)
+                node.children[slot] = child
+            node = child
+            level -= 1
+            span //= fan
+        return node
+
+    def detach_leaf(self, leaf_no: int) -> Node | None:
+        """Remove a leaf from this tree and return it (dirty), for attaching to another tree."""
+        if self.leaf(leaf_no) is None:
+            return None
+        node = self.leaf_for_write(leaf_no)
+        if self.height == 0:
+            self.root_node = None
+            self.root_addr = 0
+            return node
+        parent = self._parent_for_write(leaf_no)
+        del parent.children[leaf_no % self.fanout]
+        return node
+
+    def attach_leaf(self, leaf_no: int, leaf: Node) -> None:
+        """Install a dirty leaf where this tree has none."""
+        assert leaf.dirty and self.leaf(leaf_no) is None
+        self._grow_to(leaf_no)
+        if self.height == 0:
+            self.root_node = leaf
+            self.root_addr = 0
+            return
+        parent = self._parent_for_write(leaf_no)
+        parent.children[leaf_no % self.fanout] = leaf
+
+    def _parent_for_write(self, leaf_no: int) -> Node:
+        node = self._dirty_root()
+        level = self.height
+        fan = self.fanout
+        span = fan ** (level - 1)
+        store = self.store
+        while level > 1:
+            slot = (leaf_no // span) % fan
+            child = node.children.get(slot)
+            if child is None:
+                addr = get_pointer(node.buf, slot)
+                if addr == 0:
+                    child = store.new_node(level - 1)
+                else:
+                    child = store.load(addr, BT_INTERIOR, level - 1)
+                    store.make_dirty(child)
+                    set_pointer(node.buf, slot, 0)
+                node.children[slot] = child
+            node = child
+            level -= 1
+            span //= fan
+        return node
+
+    def count_dirty(self) -> int:
+        """Nodes the next commit will write (empty nodes are dropped, but counted: an upper
+        bound the bitmap's reservation may round up)."""
+        if self.root_node is None:
+            return 0
+        n = 0
+        stack = [self.root_node]
+        while stack:
+            node = stack.pop()
+            n += 1
+            stack.extend(node.children.values())
+        return n
+
+    def commit(self, allocate: Callable[[], int] | None = None, keep_empty: bool = False) -> None:
+        """Write every dirty node; afterwards root_addr/height describe the tree on disk."""
+        if self.root_node is None:
+            return
+        addr = self._commit_node(self.root_node, self.height, 0, allocate, keep_empty)
+        self.root_node = None
+        self.root_addr = addr
+        if addr == 0:
+            self.height = 0
+
+    def _commit_node(
+        self,
+        node: Node,
+        level: int,
+        base: int,
+        allocate: Callable[[], int] | None,
+        keep_empty: bool,
+    ) -> int:
+        if level > 0:
+            span = self.fanout ** (level - 1)
+            for slot, child in node.children.items():
+                a = self._commit_node(child, level - 1, base + slot * span, allocate, keep_empty)
+                set_pointer(node.buf, slot, a)
+            node.children.clear()
+            empty = node.buf.count(0, HEADER_SIZE) == len(node.buf) - HEADER_SIZE
+        else:
+            empty = node.count == 0
+        if empty and not keep_empty:
+            node.dirty = False
+            return 0
+        key_base = base * self.leaf_capacity
+        return self.store.write(node, self._type_at(level), self.owner, key_base, allocate)
+
+    def free_all(self) -> int:
+        """Free every node of the tree (its records must already be disposed of). Returns the
+        number of nodes freed. Leaves are freed without being read."""
+        freed = 0
+        if self.root_node is not None:
+            freed += self._free_dirty(self.root_node, self.height)
+        elif self.root_addr:
+            freed += self._free_clean(self.root_addr, self.height)
+        self.root_node = None
+        self.root_addr = 0
+        self.height = 0
+        return freed
+
+    def _free_dirty(self, node: Node, level: int) -> int:
+        freed = 0
+        if level > 0:
+            for slot in range(self.fanout):
+                a = get_pointer(node.buf, slot)
+                if a:
+                    freed += self._free_clean(a, level - 1)
+            for child in node.children.values():
+                freed += self._free_dirty(child, level - 1)
+        node.dirty = False
+        return freed  # a dirty node's own old address was already freed when it turned dirty
+
+    def _free_clean(self, addr: int, level: int) -> int:
+        freed = 1
+        if level > 0:
+            node = self.store.load(addr, BT_INTERIOR, level)
+            ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
+            for a in ptrs:
+                if a:
+                    freed += self._free_clean(a, level - 1)
+        self.store.forget(addr)
+        return freed
+
+    def all_node_addresses(self) -> Iterator[tuple[int, int]]:
+        """(address, level) of every committed node: for the checker. Tree must be clean."""
+        assert self.root_node is None
+        if self.root_addr:
+            yield from self._addresses(self.root_addr, self.height)
+
+    def _addresses(self, addr: int, level: int) -> Iterator[tuple[int, int]]:
+        yield addr, level
+        if level > 0:
+            node = self.store.load(addr, BT_INTERIOR, level)
+            ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
+            for a in ptrs:
+                if a:
+                    yield from self._addresses(a, level - 1)

@@ -1,0 +1,105 @@
+"""Snapshot lifecycle on one volume: delete push-down, rollback, diff and space accounting.
+
+Every operation here costs in proportion to the entries of the snapshots it touches, never to the
+volume's size, and the long ones (delete, rollback) work leaf by leaf up to a deadline so the
+engine lock is never held long; the state between two steps is consistent and committable:
+
+* delete S: for each entry of S at block b, the next older snapshot P relied on it exactly when
+  P holds DITTO at b; then the entry moves to P, otherwise its block is freed. A leaf of S where P
+  has no leaf at all moves to P whole. Between steps, P reads through S's remaining entries.
+* rollback to S (S newest): S's entries move back to live (blocks with birth = S, so shared
+  with S again), live's replaced blocks are freed, and S ends empty: live == S.
+* diff S..T: the blocks that may differ are exactly the entries of the snapshots in [S, T)
+  (invariant 4), so it never reads data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from .layout import EMPTY_ENTRY, KIND_ADDR, Entry
+from .volume import DataContext, Volume
+
+
+def delete_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) -> bool:
+    """Push snapshot snap_id's entries down to the next older snapshot or free their blocks,
+    until done (returns True: the shadow map is empty) or past the deadline."""
+    shadow = vol.shadows[snap_id]
+    older_id = vol.older_than(snap_id)
+    older = vol.shadows[older_id] if older_id else None
+    cap = shadow.capacity
+    for leaf_no in list(shadow.leaf_numbers()):
+        if older is not None and older.tree.leaf(leaf_no) is None:
+            node = shadow.detach_leaf(leaf_no)
+            assert node is not None
+            older.attach_leaf(leaf_no, node)
+        else:
+            for b, e in list(shadow.entries_in(leaf_no * cap, cap)):
+                if older is not None and older.get(b) == EMPTY_ENTRY:
+                    older.set(b, e)
+                elif e.kind == KIND_ADDR:
+                    ctx.allocator.free(e.addr)
+            shadow.detach_leaf(leaf_no)  # emptied: dropped, its old address freed
+        if time.monotonic() >= deadline:
+            return shadow.is_empty()
+    return True
+
+
+def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) -> bool:
+    """Move snapshot snap_id's entries back into live, freeing the blocks they replace. Returns
+    True when done (the snapshot is empty and live reads exactly what it held)."""
+    shadow = vol.shadows[snap_id]
+    live = vol.live
+    cap = shadow.capacity
+    for leaf_no in list(shadow.leaf_numbers()):
+        for b, e in list(shadow.entries_in(leaf_no * cap, cap)):
+            cur = live.get(b)
+            if cur.kind == KIND_ADDR:
+                ctx.allocator.free(cur.addr)
+            if e.kind == KIND_ADDR:
+                live.set(b, Entry(KIND_ADDR, e.addr, snap_id))
+            else:
+                live.clear(b)  # an explicit hole: unallocated, shared with the snapshot
+        shadow.detach_leaf(leaf_no)
+        if time.monotonic() >= deadline:
+            return shadow.is_empty()
+    return True
+
+
+def changed_blocks(vol: Volume, from_id: int, to_id: int | None) -> list[int]:
+    """Blocks that may differ between snapshot from_id and snapshot to_id (None: live), sorted.
+    Cost: the entries of the snapshots in between."""
+    ids = [s for s in vol.chain if s >= from_id and (to_id is None or s < to_id)]
+    blocks: set[int] = set()
+    for sid in ids:
+        blocks.update(b for b, _ in vol.shadows[sid].iter_entries())
+    return sorted(blocks)
+
+
+def block_runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
+    """(first, count) runs of consecutive block numbers."""
+    start = prev = -2
+    for b in blocks:
+        if b != prev + 1:
+            if start >= 0:
+                yield start, prev - start + 1
+            start = b
+        prev = b
+    if start >= 0:
+        yield start, prev - start + 1
+
+
+def unique_blocks(vol: Volume, snap_id: int) -> int:
+    """Data blocks that deleting snap_id alone would free on this volume: its own blocks that
+    the next older snapshot does not rely on."""
+    shadow = vol.shadows[snap_id]
+    older_id = vol.older_than(snap_id)
+    if not older_id:
+        return shadow.inode.owned_blocks
+    older = vol.shadows[older_id]
+    return sum(
+        1
+        for b, e in shadow.iter_entries()
+        if e.kind == KIND_ADDR and older.get(b) != EMPTY_ENTRY
+    )

@@ -1,0 +1,349 @@
+"""Transactions: the pool's in-memory state above one committed superblock, and its commit.
+
+A `Pool` is everything reachable from the superblock it was opened at, plus the changes of the
+one open transaction. A commit makes the changes durable in a single atomic step:
+
+    1. write every dirty map tree, then the inode and snapshot tables, then the bitmap, each node
+       at a freshly allocated block (copy-on-write: committed blocks are never overwritten);
+    2. sync the device (data written by requests included);
+    3. write the superblock with generation + 1 into slot (generation + 1) % 2, and sync again;
+    4. only now let blocks freed by the transaction be allocated again, and punch them out.
+
+A crash before step 3 completes leaves the previous superblock, and every block it reaches,
+intact; a torn superblock fails its checksum and the other slot wins. `abort()` drops the open
+transaction by reloading the committed state.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+from .allocator import Allocator
+from .blockmap import BlockMap
+from .device import Device
+from .errors import CorruptMetadata, NotAPool, PoolTruncated, UnsupportedFormat
+from .layout import (
+    INODE_SHADOW,
+    INODE_VOLUME,
+    OP_NONE,
+    SNAP_ACTIVE,
+    SNAP_DELETING,
+    SUPERBLOCK_OFFSETS,
+    SUPERBLOCK_SIZE,
+    InodeRecord,
+    SnapshotRecord,
+    Superblock,
+    check_block_size,
+    first_data_block,
+    pack_superblock,
+    unpack_superblock,
+)
+from .radix import MetaStore
+from .tables import inode_table, snapshot_table
+from .volume import DataContext, Volume
+
+DEFAULT_CACHE_BYTES = 64 << 20
+IMAGE_INITIAL_BLOCKS = 64
+
+
+def read_superblock(device: Device) -> Superblock:
+    """The valid superblock slot with the highest generation."""
+    raw = device.pread(2 * SUPERBLOCK_SIZE, 0)
+    found: list[Superblock] = []
+    errors: list[Exception] = []
+    for off in SUPERBLOCK_OFFSETS:
+        try:
+            found.append(unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path))
+        except UnsupportedFormat:
+            raise  # never fall back to an older slot of a pool a newer release has touched
+        except (NotAPool, CorruptMetadata) as e:
+            errors.append(e)
+    if found:
+        return max(found, key=lambda s: s.generation)
+    if any(isinstance(e, CorruptMetadata) for e in errors):
+        raise CorruptMetadata(
+            f"{device.path}: both superblocks fail their checksums; the pool cannot be "
+            "opened (run 'snapctl check' for details)",
+            0,
+            "superblock",
+        )
+    raise NotAPool(
+        f"{device.path} holds no dittofs pool; make one with 'snapctl format {device.path}' "
+        "(or start nbdkit with size=SIZE on a path that does not exist yet)"
+    )
+
+
+class Pool:
+    def __init__(self, device: Device, sb: Superblock, cache_bytes: int) -> None:
+        self.device = device
+        self.sb = sb
+        self.block_size = sb.block_size
+        self.store = MetaStore(device, sb.block_size, cache_bytes)
+        self.store.generation = sb.generation + 1
+        self.allocator = Allocator(
+            self.store, sb.capacity_blocks, sb.growable, sb.reserve_blocks
+        )
+        self.inodes = inode_table(self.store, sb.inode_root, sb.inode_height)
+        self.snaptab = snapshot_table(self.store, sb.snap_root, sb.snap_height)
+        self.volumes: dict[int, Volume] = {}
+        self.snapshots: dict[int, SnapshotRecord] = {}
+        self.dirty_maps: set[BlockMap] = set()
+        self.dirty_inodes: dict[int, InodeRecord | None] = {}
+        self.dirty_snaps: dict[int, SnapshotRecord | None] = {}
+        self.sb_dirty = False
+        self.ctx = DataContext(
+            device=device,
+            allocator=self.allocator,
+            block_size=sb.block_size,
+            birth=lambda: self.sb.next_snap_id,
+            commit=self.commit,
+        )
+        self.commits = 0
+
+    # --- open and format ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, device: Device, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Pool:
+        sb = read_superblock(device)
+        need = sb.capacity_blocks * sb.block_size
+        have = device.size()
+        if have < need:
+            raise PoolTruncated(
+                f"{device.path} is {have} bytes but its pool spans {need}: the image was "
+                "truncated or the device shrank; restore it, or run 'snapctl check'"
+            )
+        pool = cls(device, sb, cache_bytes)
+        pool._load()
+        return pool
+
+    @classmethod
+    def format(
+        cls,
+        device: Device,
+        block_size: int,
+        live_size: int,
+        growable: bool,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ) -> Pool:
+        check_block_size(block_size)
+        first = first_data_block(block_size)
+        if growable:
+            capacity = first + IMAGE_INITIAL_BLOCKS
+        else:
+            capacity = device.size() // block_size
+            if capacity < first + 16:
+                raise PoolTruncated(
+                    f"{device.path} is too small for a pool of {block_size}-byte blocks "
+                    f"(it needs at least {(first + 16) * block_size} bytes)"
+                )
+        sb = Superblock(
+            generation=0,
+            block_size=block_size,
+            capacity_blocks=capacity,
+            pool_guid=uuid.uuid4().bytes,
+            created_ns=time.time_ns(),
+            growable=growable,
+            reserve_blocks=0 if growable else max(8, capacity // 512),
+        )
+        pool = cls(device, sb, cache_bytes)
+        pool.allocator.format()
+        if growable:
+            device.truncate(capacity * block_size)
+        pool.create_volume("live", live_size)
+        pool.commit()
+        # The other slot gets the same state one generation lower, so no stale superblock of an
+        # earlier pool on this disk can ever win.
+        old = Superblock(**{**pool.sb.__dict__, "generation": pool.sb.generation - 1})
+        device.pwrite(pack_superblock(old), SUPERBLOCK_OFFSETS[old.generation % 2])
+        device.sync()
+        return pool
+
+    def _load(self) -> None:
+        sb = self.sb
+        self.allocator.load(sb.bitmap_root, sb.bitmap_height)
+        shadows: list[InodeRecord] = []
+        for _, rec in self.inodes.items():
+            if rec.kind == INODE_VOLUME:
+                self.volumes[rec.ino] = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
+            elif rec.kind == INODE_SHADOW:
+                shadows.append(rec)
+        for _, snap in self.snaptab.items():
+            self.snapshots[snap.id] = snap
+        for rec in shadows:
+            vol = self.volumes.get(rec.volume_ino)
+            if vol is None or rec.snap_id not in self.snapshots:
+                raise CorruptMetadata(
+                    f"shadow inode {rec.ino} belongs to a missing volume or snapshot; "
+                    "run 'snapctl check'",
+                    -1,
+                    "inode-table leaf",
+                )
+            vol.add_shadow(rec.snap_id, BlockMap(self.store, rec, self.dirty_maps))
+
+    # --- changes ------------------------------------------------------------------------------
+
+    def touch_inode(self, rec: InodeRecord) -> None:
+        self.dirty_inodes[rec.ino] = rec
+
+    def touch_snapshot(self, rec: SnapshotRecord) -> None:
+        self.dirty_snaps[rec.id] = rec
+
+    def _new_ino(self) -> int:
+        ino = self.sb.next_inode
+        self.sb.next_inode += 1
+        return ino
+
+    def create_volume(self, name: str, size: int) -> Volume:
+        ino = self._new_ino()
+        rec = InodeRecord(
+            ino=ino,
+            kind=INODE_VOLUME,
+            volume_ino=ino,
+            size=size,
+            created_ns=time.time_ns(),
+            name=name,
+        )
+        vol = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
+        self.volumes[ino] = vol
+        self.touch_inode(rec)
+        return vol
+
+    def create_snapshot(self, name: str, vols: list[Volume], flags: int = 0) -> SnapshotRecord:
+        """A new, empty snapshot of vols: O(len(vols)) whatever their size."""
+        sid = self.sb.next_snap_id
+        self.sb.next_snap_id += 1
+        now = time.time_ns()
+        rec = SnapshotRecord(
+            id=sid,
+            guid=uuid.uuid4().bytes,
+            name=name,
+            created_ns=now,
+            flags=flags,
+            covered=len(vols),
+        )
+        for vol in vols:
+            shadow = InodeRecord(
+                ino=self._new_ino(),
+                kind=INODE_SHADOW,
+                volume_ino=vol.ino,
+                snap_id=sid,
+                size=vol.inode.size,
+                created_ns=now,
+                referenced_blocks=vol.inode.owned_blocks,
+            )
+            vol.add_shadow(sid, BlockMap(self.store, shadow, self.dirty_maps))
+            vol.inode.snap_id = sid
+            self.touch_inode(shadow)
+            self.touch_inode(vol.inode)
+        self.snapshots[sid] = rec
+        self.touch_snapshot(rec)
+        return rec
+
+    def covering(self, sid: int) -> list[Volume]:
+        return [v for v in self.volumes.values() if sid in v.shadows]
+
+    def mark_deleting(self, rec: SnapshotRecord) -> None:
+        """Step one of a delete: the snapshot disappears from view; its blocks are reclaimed
+        afterwards by `reclaim_step` (and after a crash, on the next open)."""
+        rec.state = SNAP_DELETING
+        self.touch_snapshot(rec)
+        for vol in self.covering(rec.id):
+            if vol.inode.snap_id == rec.id:
+                active = [
+                    s
+                    for s in vol.chain
+                    if s != rec.id and self.snapshots[s].state == SNAP_ACTIVE
+                ]
+                vol.inode.snap_id = max(active, default=0)
+                self.touch_inode(vol.inode)
+
+    def pending_deletes(self) -> list[int]:
+        return sorted(s for s, r in self.snapshots.items() if r.state == SNAP_DELETING)
+
+    def finish_delete(self, sid: int) -> None:
+        """Every covered volume's shadow map is empty: drop the records."""
+        for vol in self.covering(sid):
+            shadow = vol.shadows[sid]
+            shadow.tree.free_all()
+            self.dirty_maps.discard(shadow)
+            vol.remove_shadow(sid)
+            self.dirty_inodes[shadow.inode.ino] = None
+        del self.snapshots[sid]
+        self.dirty_snaps[sid] = None
+
+    def finish_rollback(self, vol: Volume, sid: int) -> None:
+        vol.inode.op = OP_NONE
+        vol.inode.op_target = 0
+        vol.inode.size = vol.shadows[sid].inode.size
+        self.touch_inode(vol.inode)
+
+    def set_inuse(self, pid: int) -> None:
+        self.sb.inuse_pid = pid
+        self.sb.inuse_host = socket.gethostname() if pid else ""
+        self.sb.inuse_since_ns = time.time_ns() if pid else 0
+        self.sb_dirty = True
+
+    # --- commit -------------------------------------------------------------------------------
+
+    @property
+    def is_dirty(self) -> bool:
+        return bool(
+            self.dirty_maps
+            or self.dirty_inodes
+            or self.dirty_snaps
+            or self.allocator.dirty_leaves
+            or self.sb_dirty
+        )
+
+    def commit(self) -> bool:
+        """Make the open transaction durable. Returns False if there was nothing to commit."""
+        if not self.is_dirty:
+            return False
+        for m in self.dirty_maps:
+            m.commit()
+            if m.inode.ino not in self.dirty_inodes or self.dirty_inodes[m.inode.ino]:
+                self.dirty_inodes[m.inode.ino] = m.inode
+        for ino, rec in self.dirty_inodes.items():
+            self.inodes.put(ino, rec)
+        self.inodes.commit()
+        for sid, srec in self.dirty_snaps.items():
+            self.snaptab.put(sid, srec)
+        self.snaptab.commit()
+        self.allocator.commit()
+
+        sb = self.sb
+        sb.generation += 1
+        sb.inode_root, sb.inode_height = self.inodes.root, self.inodes.height
+        sb.snap_root, sb.snap_height = self.snaptab.root, self.snaptab.height
+        sb.bitmap_root = self.allocator.tree.root_addr
+        sb.bitmap_height = self.allocator.tree.height
+        sb.used_blocks = self.allocator.used_blocks
+        if self.allocator.grown:
+            sb.capacity_blocks = self.allocator.capacity
+            self.device.truncate(sb.capacity_blocks * self.block_size)
+            self.allocator.grown = False
+        self.device.sync()
+        self.device.pwrite(pack_superblock(sb), SUPERBLOCK_OFFSETS[sb.generation % 2])
+        self.device.sync()
+
+        self.store.generation = sb.generation + 1
+        self.dirty_maps.clear()
+        self.dirty_inodes.clear()
+        self.dirty_snaps.clear()
+        self.sb_dirty = False
+        self.commits += 1
+        self._discard(self.allocator.release_pending())
+        return True
+
+    def _discard(self, freed: list[int]) -> None:
+        bs = self.block_size
+        freed.sort()
+        start = prev = -2
+        for b in freed + [-10]:
+            if b != prev + 1:
+                if start >= 0:
+                    self.device.discard(start * bs, (prev - start + 1) * bs)
+                start = b
+            prev = b

@@ -1,0 +1,270 @@
+"""A volume: its live map, the shadow maps of the snapshots that cover it, and the data path.
+
+Reading block b of snapshot S walks S's shadow map, then each newer snapshot's, then live, and
+takes the first real entry (FIG. 10): DITTO (an empty entry) means "look one newer". An explicit
+HOLE entry reads zeros: it records that b was unallocated when S was taken, so data written
+there later does not leak into S.
+
+Ownership is unique: each data block belongs to the live map or to exactly one shadow map.
+`birth` on a live entry is the pool's next snapshot id when live last changed the block, so
+"still shared with the volume's latest snapshot?" is one comparison (invariant 3):
+    shared  <=>  latest != 0 and entry.birth <= latest
+The first write to a shared block preserves it for the latest snapshot:
+* move-on-write (default): the old block is handed, untouched, to the latest snapshot's shadow
+  map and the new data goes to a fresh block (a partial write merges the old contents);
+* copy-on-write (FIG. 13A): the old contents are copied to a fresh block for the snapshot, the
+  copy and its map entry are committed, then live is overwritten in place. All first writes of
+  one request share one commit.
+
+A block that moves from a snapshot to live (rollback) keeps birth <= latest, so it is never
+overwritten in place before it has been committed as live's.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .allocator import Allocator
+from .blockmap import BlockMap
+from .device import Device
+from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, Entry, InodeRecord
+
+COW_MOVE = "move"
+COW_COPY = "copy"
+
+
+@dataclass
+class DataContext:
+    """What the data path needs from the pool below it and the transaction above it."""
+
+    device: Device
+    allocator: Allocator
+    block_size: int
+    birth: Callable[[], int]  # the pool's next snapshot id
+    commit: Callable[[], None]  # make everything so far durable (copy-on-write ordering)
+
+
+class Volume:
+    def __init__(self, inode: InodeRecord, live: BlockMap) -> None:
+        self.inode = inode
+        self.live = live
+        self.chain: list[int] = []  # ids of snapshots covering this volume, oldest first
+        self.shadows: dict[int, BlockMap] = {}
+
+    @property
+    def name(self) -> str:
+        return self.inode.name
+
+    @property
+    def ino(self) -> int:
+        return self.inode.ino
+
+    @property
+    def latest(self) -> int:
+        """Id of the snapshot that receives preserved blocks (0: none)."""
+        return self.inode.snap_id
+
+    def add_shadow(self, snap_id: int, shadow: BlockMap) -> None:
+        bisect.insort(self.chain, snap_id)
+        self.shadows[snap_id] = shadow
+
+    def remove_shadow(self, snap_id: int) -> None:
+        self.chain.remove(snap_id)
+        del self.shadows[snap_id]
+
+    def older_than(self, snap_id: int) -> int:
+        """The next older snapshot of this volume (0: none)."""
+        i = bisect.bisect_left(self.chain, snap_id)
+        return self.chain[i - 1] if i > 0 else 0
+
+    # --- resolution ---------------------------------------------------------------------------
+
+    def resolve_block(self, snap_id: int | None, block: int) -> Entry:
+        """The entry that says where block's data is, as seen from snapshot snap_id (None:
+        live). Kind NONE or HOLE reads as zeros."""
+        if snap_id is not None:
+            for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
+                e = self.shadows[sid].get(block)
+                if e.kind != KIND_NONE:
+                    return e
+        return self.live.get(block)
+
+    def resolve_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
+        if snap_id is None:
+            return self.live_range(first, count)
+        found: list[Entry | None] = [None] * count
+        missing = count
+        for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
+            for b, e in self.shadows[sid].entries_in(first, count):
+                if found[b - first] is None:
+                    found[b - first] = e
+                    missing -= 1
+            if not missing:
+                break
+        get = self.live.get
+        return [e if e is not None else get(first + i) for i, e in enumerate(found)]
+
+    def live_range(self, first: int, count: int) -> list[Entry]:
+        get = self.live.get
+        return [get(b) for b in range(first, first + count)]
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def read(self, ctx: DataContext, snap_id: int | None, out: memoryview, offset: int) -> None:
+        bs = ctx.block_size
+        length = len(out)
+        first = offset // bs
+        last = (offset + length - 1) // bs
+        entries = self.resolve_range(snap_id, first, last - first + 1)
+        pos = 0
+        run_disk = run_pos = run_len = 0
+        pread_into = ctx.device.pread_into
+        for i, e in enumerate(entries):
+            b = first + i
+            start = offset + pos - b * bs
+            n = min(bs - start, length - pos)
+            if e.kind == KIND_ADDR:
+                disk = e.addr * bs + start
+                if run_len and run_disk + run_len == disk:
+                    run_len += n
+                else:
+                    if run_len:
+                        pread_into(out[run_pos : run_pos + run_len], run_disk)
+                    run_disk, run_pos, run_len = disk, pos, n
+            else:
+                out[pos : pos + n] = bytes(n)
+            pos += n
+        if run_len:
+            pread_into(out[run_pos : run_pos + run_len], run_disk)
+
+    def extents(
+        self, snap_id: int | None, offset: int, length: int, block_size: int
+    ) -> list[tuple[int, int, bool]]:
+        """(offset, length, is_hole) runs covering [offset, offset + length)."""
+        first = offset // block_size
+        last = (offset + length - 1) // block_size
+        runs: list[tuple[int, int, bool]] = []
+        for i, e in enumerate(self.resolve_range(snap_id, first, last - first + 1)):
+            b = first + i
+            start = max(offset, b * block_size)
+            end = min(offset + length, (b + 1) * block_size)
+            hole = e.kind != KIND_ADDR
+            if runs and runs[-1][2] == hole:
+                o, n, _ = runs[-1]
+                runs[-1] = (o, n + end - start, hole)
+            else:
+                runs.append((start, end - start, hole))
+        return runs
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def _is_shared(self, e: Entry) -> bool:
+        latest = self.inode.snap_id
+        return latest != 0 and e.birth <= latest
+
+    def write(self, ctx: DataContext, data: memoryview, offset: int, cow: str) -> None:
+        bs = ctx.block_size
+        first = offset // bs
+        last = (offset + len(data) - 1) // bs
+        latest = self.inode.snap_id
+        if cow == COW_COPY and latest:
+            self._preserve_by_copy(ctx, first, last)
+        writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced at the end
+        birth = ctx.birth()
+        live = self.live
+        pos = 0
+        for b in range(first, last + 1):
+            e = live.get(b)
+            start = offset + pos - b * bs
+            n = min(bs - start, len(data) - pos)
+            chunk = data[pos : pos + n]
+            pos += n
+            shared = latest != 0 and e.birth <= latest
+            if e.kind == KIND_ADDR and not shared:
+                writes.append((e.addr * bs + start, chunk))
+                continue
+            new = ctx.allocator.allocate(for_data=True)
+            if n == bs:
+                block: memoryview = chunk
+            else:
+                merged = bytearray(bs)
+                if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
+                    ctx.device.pread_into(merged, e.addr * bs)
+                merged[start : start + n] = chunk
+                block = memoryview(merged)
+            writes.append((new * bs, block))
+            if shared:
+                old = Entry(KIND_ADDR, e.addr) if e.kind == KIND_ADDR else Entry(KIND_HOLE)
+                self.shadows[latest].set(b, old)
+            live.set(b, Entry(KIND_ADDR, new, birth))
+        _write_coalesced(ctx.device, writes)
+
+    def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
+        """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
+        snapshot and commit, so the in-place overwrite that follows cannot reach a snapshot."""
+        bs = ctx.block_size
+        latest = self.inode.snap_id
+        shadow = self.shadows[latest]
+        birth = ctx.birth()
+        copied = False
+        for b in range(first, last + 1):
+            e = self.live.get(b)
+            if not (e.birth <= latest):
+                continue
+            if e.kind == KIND_ADDR:
+                copy = ctx.allocator.allocate(for_data=True)
+                buf = ctx.device.pread(bs, e.addr * bs)
+                ctx.device.pwrite(buf, copy * bs)
+                shadow.set(b, Entry(KIND_ADDR, copy))
+                self.live.set(b, e._replace(birth=birth))
+                copied = True
+            else:  # a hole: nothing to copy, the snapshot just records it
+                shadow.set(b, Entry(KIND_HOLE))
+                self.live.set(b, Entry(KIND_NONE, birth=birth))
+        if copied:
+            ctx.commit()
+
+    def deallocate(self, ctx: DataContext, first: int, count: int) -> None:
+        """Make whole blocks [first, first + count) unallocated (trim, zero)."""
+        latest = self.inode.snap_id
+        birth = ctx.birth()
+        live = self.live
+        for b, e in list(live.entries_in(first, count)):
+            shared = latest != 0 and e.birth <= latest
+            if e.kind != KIND_ADDR:
+                if not shared and latest == 0 and e != EMPTY_ENTRY:
+                    live.clear(b)  # no snapshot needs to know it changed
+                continue  # a hole stays a hole: nothing for a snapshot to preserve
+            if shared:
+                self.shadows[latest].set(b, Entry(KIND_ADDR, e.addr))
+                live.set(b, Entry(KIND_NONE, birth=birth))
+            else:
+                ctx.allocator.free(e.addr)
+                if latest == 0:
+                    live.clear(b)
+                else:  # keep "changed since latest": the snapshot holds an entry for b
+                    live.set(b, Entry(KIND_NONE, birth=e.birth))
+
+
+def _write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:
+    """Issue writes, merging neighbours that are contiguous both on disk and in memory."""
+    i = 0
+    while i < len(writes):
+        disk, chunk = writes[i]
+        parts = [chunk]
+        end = disk + len(chunk)
+        j = i + 1
+        while j < len(writes) and writes[j][0] == end:
+            parts.append(writes[j][1])
+            end += len(writes[j][1])
+            j += 1
+        for k in range(0, len(parts), 512):  # below IOV_MAX
+            batch = parts[k : k + 512]
+            if len(batch) == 1:
+                device.pwrite(batch[0], disk)
+            else:
+                device.pwritev(batch, disk)
+            disk += sum(len(p) for p in batch)
+        i = j

@@ -1,0 +1,247 @@
+"""dittofs as an nbdkit Python plugin: translate nbdkit callbacks into engine calls.
+
+    nbdkit python plugin/plugin.py disk=PATH [size=SIZE] [control=SOCKET] [cow=move|copy]
+                                   [block-size=SIZE] [cache=SIZE] [threads=parallel|serialize]
+
+Exports: `live` (default, read-write), `live@NAME` (read-only snapshot), `live@latest` (the newest
+snapshot when the client connects). Engine errors become errno values for the client (EPERM for
+writes to read-only exports, ENOSPC for a full pool, EIO otherwise) and one clear line in the
+log. Nothing here decides anything: the engine does.
+"""
+
+from __future__ import annotations
+
+import errno
+import glob
+import os
+import sys
+import threading
+
+import nbdkit
+
+# nbdkit embeds /usr/bin/python3: make the repository and its .venv importable.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, _ROOT)
+for _site in glob.glob(os.path.join(_ROOT, ".venv", "lib", "python3*", "site-packages")):
+    sys.path.append(_site)
+
+from fsimpl import rundir  # noqa: E402
+from fsimpl.control import ControlServer  # noqa: E402
+from fsimpl.engine import Engine, Export  # noqa: E402
+from fsimpl.errors import DittoError, InvalidArgument  # noqa: E402
+from fsimpl.layout import DEFAULT_BLOCK_SIZE  # noqa: E402
+from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
+
+API_VERSION = 2
+
+_config: dict[str, str] = {}
+_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads")
+_engine: Engine | None = None
+_control: ControlServer | None = None
+_stop = threading.Event()
+_ticker: threading.Thread | None = None
+
+
+def _log(msg: str) -> None:
+    print(f"nbdkit: dittofs: {msg}", file=sys.stderr, flush=True)
+
+
+def _fail(e: DittoError) -> None:
+    """Report an engine error: errno for the client, one clear line for the log."""
+    nbdkit.set_error(e.errno)
+    _log(f"error: {e}")
+    raise RuntimeError(str(e)) from None
+
+
+def config(key: str, value: str) -> None:
+    if key not in _KEYS:
+        raise InvalidArgument(
+            f"unknown parameter '{key}'; dittofs takes {', '.join(k + '=' for k in _KEYS)}"
+        )
+    _config[key] = value
+
+
+def config_complete() -> None:
+    if "disk" not in _config:
+        raise InvalidArgument("disk=PATH is required (an image file or a block device)")
+
+
+def thread_model() -> int:
+    if _config.get("threads", "parallel") == "serialize":
+        return nbdkit.THREAD_MODEL_SERIALIZE_ALL_REQUESTS
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def get_ready() -> None:
+    """Open (or create) the pool before nbdkit forks, so a bad disk fails the command itself."""
+    global _engine
+    size = _config.get("size")
+    try:
+        _engine = Engine.open(
+            _config["disk"],
+            cow=_config.get("cow", "move"),
+            create_size=nbdkit.parse_size(size) if size is not None else None,
+            block_size=nbdkit.parse_size(_config.get("block-size", str(DEFAULT_BLOCK_SIZE))),
+            cache_bytes=nbdkit.parse_size(_config.get("cache", str(DEFAULT_CACHE_BYTES))),
+            claim=False,
+        )
+    except DittoError as e:
+        _log(f"error: {e}")
+        raise
+
+
+def after_fork() -> None:
+    """In the serving process: claim the pool, start the control socket and the ticker."""
+    global _control, _ticker
+    assert _engine is not None
+    disk = _config["disk"]
+    _engine.claim(os.getpid())
+    path = _config.get("control") or rundir.default_control_path(disk)
+    _control = ControlServer(_engine, path, _log)
+    _control.start()
+    rundir.write_state(
+        disk,
+        {"pid": os.getpid(), "disk": os.path.realpath(disk), "control": os.path.abspath(path)},
+    )
+    _ticker = threading.Thread(target=_tick_loop, name="dittofs-ticker", daemon=True)
+    _ticker.start()
+
+
+def _tick_loop() -> None:
+    """Periodic commits and background reclaim, in bounded steps."""
+    while not _stop.is_set():
+        try:
+            more = _engine.tick() if _engine else False
+        except DittoError as e:
+            _log(f"background work failed: {e}")
+            more = False
+        _stop.wait(0.001 if more else 1.0)
+
+
+def cleanup() -> None:
+    _stop.set()
+    if _ticker is not None:
+        _ticker.join(timeout=5)
+    if _control is not None:
+        _control.stop()
+    if _engine is not None:
+        _engine.close()
+        rundir.remove_state(_config["disk"], os.getpid())
+
+
+# --- exports ---------------------------------------------------------------------------------
+
+
+def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
+    assert _engine is not None
+    return _engine.export_names()
+
+
+def default_export(readonly: bool, is_tls: bool) -> str:
+    return "live"
+
+
+def open(readonly: bool) -> Export:  # noqa: A001 - nbdkit's callback name
+    assert _engine is not None
+    try:
+        return _engine.open_export(nbdkit.export_name(), readonly)
+    except DittoError as e:
+        _fail(e)
+        raise
+
+
+def export_description(h: Export) -> str:
+    return h.description
+
+
+def get_size(h: Export) -> int:
+    return h.size
+
+
+def can_write(h: Export) -> bool:
+    return not h.readonly
+
+
+def can_flush(h: Export) -> bool:
+    return True
+
+
+def can_fua(h: Export) -> int:
+    return nbdkit.FUA_NATIVE
+
+
+def can_trim(h: Export) -> bool:
+    return not h.readonly
+
+
+def can_zero(h: Export) -> bool:
+    return True
+
+
+def can_fast_zero(h: Export) -> bool:
+    return True
+
+
+def can_extents(h: Export) -> bool:
+    return True
+
+
+def can_multi_conn(h: Export) -> bool:
+    # One engine serves every connection and FLUSH commits all of it.
+    return True
+
+
+def can_cache(h: Export) -> int:
+    return nbdkit.CACHE_NONE
+
+
+def is_rotational(h: Export) -> bool:
+    return False
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def pread(h: Export, buf: bytearray, offset: int, flags: int) -> None:
+    try:
+        _engine.read(h, memoryview(buf), offset)  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+
+
+def pwrite(h: Export, buf: bytes, offset: int, flags: int) -> None:
+    try:
+        _engine.write(h, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+
+
+def flush(h: Export, flags: int) -> None:
+    try:
+        _engine.flush()  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+
+
+def trim(h: Export, count: int, offset: int, flags: int) -> None:
+    try:
+        _engine.trim(h, offset, count, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+
+
+def zero(h: Export, count: int, offset: int, flags: int) -> None:
+    try:
+        _engine.zero(h, offset, count, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+
+
+def extents(h: Export, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
+    try:
+        runs = _engine.extents(h, offset, count)  # type: ignore[union-attr]
+    except DittoError as e:
+        _fail(e)
+        raise
+    hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
+    return [(o, n, hole if is_hole else 0) for o, n, is_hole in runs]

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Run the whole dittofs test suite (sets up the machine first; see scripts/setup.sh).
+# Extra arguments go to pytest, e.g. scripts/test.sh -k snapshot -x
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m pytest "$@"

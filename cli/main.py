@@ -54,8 +54,13 @@ def _run(ctx: click.Context, fn: Callable[[], None]) -> None:
     context_settings={"help_option_names": ["-h", "--help"]},
     epilog="Example: snapctl -d pool.img create before-upgrade",
 )
-@click.option("-d", "--disk", envvar="DITTOFS_DISK", metavar="DISK",
-              help="The pool's disk or image file (or set DITTOFS_DISK).")
+@click.option(
+    "-d",
+    "--disk",
+    envvar="DITTOFS_DISK",
+    metavar="DISK",
+    help="The pool's disk or image file (or set DITTOFS_DISK).",
+)
 @click.option("--control", metavar="SOCKET", help="Talk to the server on this control socket.")
 @click.option("--debug", is_flag=True, help="Show tracebacks on errors.")
 @click.version_option("0.1.0", prog_name="snapctl")
@@ -72,13 +77,18 @@ def main(ctx: click.Context, disk: str | None, control: str | None, debug: bool)
 @main.command("format", epilog="Example: snapctl format pool.img --size 10G")
 @click.argument("disk")
 @click.option("--size", help="Size of the live volume (default: the device's size).")
-@click.option("--block-size", default=str(DEFAULT_BLOCK_SIZE), show_default=True,
-              help="Pool block size, a power of two from 4K to 1M.")
+@click.option(
+    "--block-size",
+    default=str(DEFAULT_BLOCK_SIZE),
+    show_default=True,
+    help="Pool block size, a power of two from 4K to 1M.",
+)
 @click.option("--force", is_flag=True, help="Overwrite a disk that holds a file system or pool.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
-def format_cmd(ctx: click.Context, disk: str, size: str | None, block_size: str, force: bool,
-               as_json: bool) -> None:
+def format_cmd(
+    ctx: click.Context, disk: str, size: str | None, block_size: str, force: bool, as_json: bool
+) -> None:
     """Make a pool on DISK: a block device, a partition or an image file (created if missing)."""
 
     def body() -> None:
@@ -102,8 +112,13 @@ def format_cmd(ctx: click.Context, disk: str, size: str | None, block_size: str,
 
 @main.command(epilog="Example: snapctl -d pool.img create nightly-1")
 @click.argument("name")
-@click.option("--volume", "volumes", multiple=True, metavar="V",
-              help="Snapshot only these volumes (default: all, atomically).")
+@click.option(
+    "--volume",
+    "volumes",
+    multiple=True,
+    metavar="V",
+    help="Snapshot only these volumes (default: all, atomically).",
+)
 @click.pass_obj
 def create(obj: Context, name: str, volumes: tuple[str, ...]) -> None:
     """Create snapshot NAME of the pool's volumes (O(1): nothing is copied)."""

@@ -93,8 +93,10 @@ class Renderer:
         ]
         for v in d["volumes"]:
             lines.append(
-                (f"volume {v['name']}",
-                 f"{human_size(v['size_bytes'])}, {human_size(v['allocated_bytes'])} allocated")
+                (
+                    f"volume {v['name']}",
+                    f"{human_size(v['size_bytes'])}, {human_size(v['allocated_bytes'])} allocated",
+                )
             )
         width = max(len(k) for k, _ in lines)
         for k, v in lines:

@@ -30,7 +30,9 @@ class BlockMap:
         self.inode = inode
         self.dirty_maps = dirty  # the transaction's set of maps to write at commit
         self.capacity = map_leaf_capacity(store.block_size)
-        self.tree = RadixTree(store, inode.ino, BT_MAP_LEAF, self.capacity, inode.root, inode.height)
+        self.tree = RadixTree(
+            store, inode.ino, BT_MAP_LEAF, self.capacity, inode.root, inode.height
+        )
 
     # --- reading ------------------------------------------------------------------------------
 

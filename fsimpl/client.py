@@ -9,10 +9,10 @@ difference except speed.
 from __future__ import annotations
 
 import itertools
-from abc import ABC, abstractmethod
 import json
 import os
 import socket
+from abc import ABC, abstractmethod
 from typing import Any
 
 from . import rundir
@@ -25,12 +25,14 @@ class PoolClient(ABC):
     mode = "?"
 
     @abstractmethod
-    def call(self, op: str, args: dict[str, Any] | None = None,
-             progress: Progress | None = None) -> Any:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> Any:
         """Run one operation (control.dispatch's names); raise DittoError on failure."""
 
+    @abstractmethod
     def close(self) -> None:
-        pass
+        """Release the connection (or the pool, in direct mode)."""
 
     def __enter__(self) -> PoolClient:
         return self
@@ -56,8 +58,9 @@ class SocketClient(PoolClient):
         self.file = self.sock.makefile("rwb", buffering=0)
         self.ids = itertools.count(1)
 
-    def call(self, op: str, args: dict[str, Any] | None = None,
-             progress: Progress | None = None) -> Any:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> Any:
         rid = next(self.ids)
         msg = json.dumps({"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": args or {}})
         try:
@@ -98,8 +101,9 @@ class DirectClient(PoolClient):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def call(self, op: str, args: dict[str, Any] | None = None,
-             progress: Progress | None = None) -> Any:
+    def call(
+        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+    ) -> Any:
         result = dispatch(self.engine, op, args or {}, progress)
         return json.loads(json.dumps(result))  # the same shapes the socket would deliver
 
@@ -120,4 +124,6 @@ def connect(disk: str | None, control: str | None = None) -> PoolClient:
         return SocketClient(state["control"])
     if not os.path.exists(disk):
         raise NotFound(f"{disk} does not exist")
-    return DirectClient(Engine.open(disk))
+    # Direct mode holds the lock but does not claim the pool: a command that only reads, or
+    # is refused, leaves the disk byte-identical.
+    return DirectClient(Engine.open(disk, claim=False))

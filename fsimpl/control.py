@@ -56,7 +56,9 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
         return [snapshot_json(s) for s in engine.list_snapshots()]
     if op == "create":
         vols = args.get("volumes")
-        if vols is not None and not (isinstance(vols, list) and all(isinstance(v, str) for v in vols)):
+        if vols is not None and not (
+            isinstance(vols, list) and all(isinstance(v, str) for v in vols)
+        ):
             raise InvalidArgument("argument 'volumes' must be a list of volume names")
         return snapshot_json(engine.create_snapshot(_str(args, "name") or "", vols))
     if op == "delete":
@@ -102,7 +104,9 @@ class ControlServer:
         self.sock.listen(16)
         self.owner_uid = os.getuid()
         self.stopping = False
-        self.thread = threading.Thread(target=self._accept_loop, name="dittofs-control", daemon=True)
+        self.thread = threading.Thread(
+            target=self._accept_loop, name="dittofs-control", daemon=True
+        )
 
     def start(self) -> None:
         self.thread.start()
@@ -138,10 +142,13 @@ class ControlServer:
         with conn:
             f = conn.makefile("rwb", buffering=0)
             if not self._peer_allowed(conn):
-                err = PermissionDenied(
+                denied = PermissionDenied(
                     "only root or the user running the server may manage this pool"
                 )
-                _send(f, {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(err)})
+                _send(
+                    f,
+                    {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(denied)},
+                )
                 return
             while not self.stopping:
                 line = f.readline(MAX_MESSAGE + 1)
@@ -149,8 +156,10 @@ class ControlServer:
                     return
                 if len(line) > MAX_MESSAGE:
                     err = ProtocolError(f"message longer than {MAX_MESSAGE} bytes; closing")
-                    _send(f, {"v": PROTOCOL_VERSION, "id": None, "ok": False,
-                              "error": error_json(err)})
+                    _send(
+                        f,
+                        {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(err)},
+                    )
                     return
                 self._handle(f, line)
 
@@ -175,8 +184,10 @@ class ControlServer:
                 raise ProtocolError("'op' must be a string and 'args' an object")
 
             def progress(done: int, total: int) -> None:
-                _send(f, {"v": PROTOCOL_VERSION, "id": rid,
-                          "progress": {"done": done, "total": total}})
+                _send(
+                    f,
+                    {"v": PROTOCOL_VERSION, "id": rid, "progress": {"done": done, "total": total}},
+                )
 
             result = dispatch(self.engine, op, args, progress)
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})

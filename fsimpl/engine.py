@@ -41,8 +41,8 @@ from .layout import (
     SNAP_ACTIVE,
     SnapshotRecord,
 )
-from .probe import detect_signature
 from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
+from .probe import detect_signature
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
 from .volume import COW_COPY, COW_MOVE, Volume
 
@@ -241,8 +241,12 @@ class Engine:
 
     def flush(self) -> None:
         with self.lock:
-            if not self._commit():
-                self.device.sync()
+            self._make_durable()
+
+    def _make_durable(self) -> None:
+        """Everything written so far survives a crash: commit, or just sync the data."""
+        if not self._commit():
+            self.device.sync()
 
     def tick(self) -> bool:
         """Periodic work: commit a change older than COMMIT_INTERVAL, and take one step of a
@@ -380,7 +384,7 @@ class Engine:
             if len(data):
                 vol.write(self.pool.ctx, data, offset, self.cow)
             if fua:
-                self._commit() or self.device.sync()
+                self._make_durable()
 
     def trim(self, ex: Export, offset: int, length: int, fua: bool = False) -> None:
         """Deallocate the whole blocks inside the range (partial blocks keep their data)."""
@@ -393,9 +397,11 @@ class Engine:
             if end > first:
                 vol.deallocate(self.pool.ctx, first, end - first)
             if fua:
-                self._commit() or self.device.sync()
+                self._make_durable()
 
     def zero(self, ex: Export, offset: int, length: int, fua: bool = False) -> None:
+        """Whole blocks become unallocated; partial blocks get zeros written, unless they are
+        unallocated already."""
         with self.lock:
             vol = self._writable(ex)
             self._range(ex, offset, length)
@@ -404,14 +410,15 @@ class Engine:
             end = (offset + length) // bs
             if end > first:
                 vol.deallocate(self.pool.ctx, first, end - first)
-                edges = [(offset, first * bs - offset), (end * bs, offset + length - end * bs)]
-            else:
-                edges = [(offset, length)]
-            for off, n in edges:
-                if n > 0 and vol.live.get(off // bs).kind == KIND_ADDR:
-                    vol.write(self.pool.ctx, memoryview(bytes(n)), off, self.cow)
+            pos, stop = offset, offset + length
+            while pos < stop:
+                block = pos // bs
+                n = min((block + 1) * bs, stop) - pos
+                if n < bs and vol.live.get(block).kind == KIND_ADDR:
+                    vol.write(self.pool.ctx, memoryview(bytes(n)), pos, self.cow)
+                pos += n if n < bs else (end - block) * bs
             if fua:
-                self._commit() or self.device.sync()
+                self._make_durable()
 
     def extents(self, ex: Export, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """(offset, length, is_hole) runs from offset; may cover less than length."""
@@ -490,9 +497,7 @@ class Engine:
         if not pending:
             return False
         sid = pending[0]
-        done = all(
-            snapops.delete_step(pool.ctx, vol, sid, deadline) for vol in pool.covering(sid)
-        )
+        done = all(snapops.delete_step(pool.ctx, vol, sid, deadline) for vol in pool.covering(sid))
         if done:
             pool.finish_delete(sid)
         return len(pending) > 1 or not done
@@ -504,9 +509,7 @@ class Engine:
             vol = self.volume(volume)
             if rec.id not in vol.shadows:
                 raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
-            newer = [
-                self.pool.snapshots[s].name for s in vol.chain if s > rec.id
-            ]
+            newer = [self.pool.snapshots[s].name for s in vol.chain if s > rec.id]
             if newer:
                 raise Refused(
                     f"snapshots newer than '{name}' exist ({', '.join(newer)}); delete them "
@@ -521,8 +524,9 @@ class Engine:
         with self.lock:
             self._commit()
 
-    def diff_blocks(self, from_name: str, to_name: str | None, volume: str = DEFAULT_VOLUME
-                    ) -> list[tuple[int, int]]:
+    def diff_blocks(
+        self, from_name: str, to_name: str | None, volume: str = DEFAULT_VOLUME
+    ) -> list[tuple[int, int]]:
         """Byte ranges (offset, length) that may differ between two snapshots (to: None =
         live), from the shadow maps alone."""
         with self.lock:
@@ -584,15 +588,17 @@ class Engine:
                 "host_allocated_bytes": self.device.allocated_bytes(),
                 "generation": sb.generation,
                 "volumes": [
-                    {"name": v.name, "size_bytes": v.inode.size,
-                     "allocated_bytes": v.inode.owned_blocks * bs,
-                     "snapshots": sum(
-                         1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE)}
+                    {
+                        "name": v.name,
+                        "size_bytes": v.inode.size,
+                        "allocated_bytes": v.inode.owned_blocks * bs,
+                        "snapshots": sum(
+                            1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE
+                        ),
+                    }
                     for v in sorted(pool.volumes.values(), key=lambda v: v.ino)
                 ],
-                "snapshot_count": sum(
-                    1 for r in pool.snapshots.values() if r.state == SNAP_ACTIVE
-                ),
+                "snapshot_count": sum(1 for r in pool.snapshots.values() if r.state == SNAP_ACTIVE),
                 "pending_deletes": len(pool.pending_deletes()),
                 "role": ROLE_NAMES.get(sb.role, str(sb.role)),
                 "cow": self.cow,

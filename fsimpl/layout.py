@@ -55,11 +55,7 @@ def first_data_block(block_size: int) -> int:
 
 
 def check_block_size(block_size: int) -> None:
-    if (
-        block_size < MIN_BLOCK_SIZE
-        or block_size > MAX_BLOCK_SIZE
-        or block_size & (block_size - 1)
-    ):
+    if block_size < MIN_BLOCK_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ValueError(
             f"block size {block_size} is not a power of two between "
             f"{MIN_BLOCK_SIZE} and {MAX_BLOCK_SIZE} bytes"
@@ -200,7 +196,7 @@ def pack_superblock(sb: Superblock) -> bytes:
     return bytes(buf)
 
 
-def unpack_superblock(buf: bytes, where: str) -> Superblock:
+def unpack_superblock(buf: bytes | bytearray, where: str) -> Superblock:
     """Decode one superblock slot; raise NotAPool / UnsupportedFormat / CorruptMetadata."""
     if len(buf) < SUPERBLOCK_SIZE:
         raise NotAPool(f"{where}: too short to hold a dittofs superblock")
@@ -277,7 +273,7 @@ class BlockHeader(NamedTuple):
     generation: int
     owner: int
     level: int
-    count: int
+    records: int
     key_base: int
 
 
@@ -332,7 +328,7 @@ POINTER = struct.Struct("<Q")
 
 
 def get_pointer(buf: bytes | bytearray, slot: int) -> int:
-    return POINTER.unpack_from(buf, HEADER_SIZE + 8 * slot)[0]  # type: ignore[no-any-return]
+    return int(POINTER.unpack_from(buf, HEADER_SIZE + 8 * slot)[0])
 
 
 def set_pointer(buf: bytearray, slot: int, address: int) -> None:
@@ -352,7 +348,8 @@ ENTRY_INCOMPLETE = 0x01  # deferred copy-on-write: only [valid_lo, valid_hi) sec
 
 MAP_ENTRY = struct.Struct(
     "<Q"  # addr (bits 0-47) | kind (48-55) | flags (56-63)
-    "I"  # birth: pool.next_snap_id when live last changed this block (the O(1) sharing test)
+    "I"  # birth: pool.next_snap_id when live last changed this block (the O(1) sharing test);
+    # a shadow entry keeps the birth the preserved data had in live
     "H"  # valid range start, 512-byte sectors (incomplete entries)
     "H"  # valid range end
     "I"  # data checksum (pools formatted with data checksums)
@@ -537,8 +534,7 @@ SNAP_RECORD = struct.Struct(
     "B"  # number of holds
     "x"
     "I"  # volumes covered
-    "64s"  # name
-    + "32s" * MAX_HOLDS  # hold tags
+    "64s" + "32s" * MAX_HOLDS  # name  # hold tags
 )
 SNAP_RECORD_SIZE = 512
 assert SNAP_RECORD.size <= SNAP_RECORD_SIZE

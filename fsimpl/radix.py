@@ -75,7 +75,7 @@ class MetaStore:
             return node
         buf = self.device.pread(self.block_size, addr * self.block_size)
         hdr = open_block(buf, addr, btype)
-        node = Node(buf, hdr.level, addr, hdr.count)
+        node = Node(buf, hdr.level, addr, hdr.records)
         self.nodes_read += 1
         self.cache[addr] = node
         if len(self.cache) > self.cache_limit:
@@ -105,9 +105,7 @@ class MetaStore:
         allocate: Callable[[], int] | None = None,
     ) -> int:
         addr = (allocate or self.allocate_address)()
-        seal_block(
-            node.buf, btype, addr, self.generation, owner, node.level, node.count, key_base
-        )
+        seal_block(node.buf, btype, addr, self.generation, owner, node.level, node.count, key_base)
         self.device.pwrite(node.buf, addr * self.block_size)
         self.nodes_written += 1
         node.addr = addr

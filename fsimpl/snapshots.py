@@ -7,8 +7,8 @@ engine lock is never held long; the state between two steps is consistent and co
 * delete S: for each entry of S at block b, the next older snapshot P relied on it exactly when
   P holds DITTO at b; then the entry moves to P, otherwise its block is freed. A leaf of S where P
   has no leaf at all moves to P whole. Between steps, P reads through S's remaining entries.
-* rollback to S (S newest): S's entries move back to live (blocks with birth = S, so shared
-  with S again), live's replaced blocks are freed, and S ends empty: live == S.
+* rollback to S (S newest): S's entries move back to live with the births they had there (so
+  shared with S again), live's replaced blocks are freed, and S ends empty: live == S.
 * diff S..T: the blocks that may differ are exactly the entries of the snapshots in [S, T)
   (invariant 4), so it never reads data.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from .layout import EMPTY_ENTRY, KIND_ADDR, Entry
+from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_NONE, Entry
 from .volume import DataContext, Volume
 
 
@@ -57,10 +57,12 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) 
             cur = live.get(b)
             if cur.kind == KIND_ADDR:
                 ctx.allocator.free(cur.addr)
+            # the entry kept the data's birth in live, so sharing with every older snapshot
+            # is exact again
             if e.kind == KIND_ADDR:
-                live.set(b, Entry(KIND_ADDR, e.addr, snap_id))
+                live.set(b, Entry(KIND_ADDR, e.addr, e.birth))
             else:
-                live.clear(b)  # an explicit hole: unallocated, shared with the snapshot
+                live.set(b, Entry(KIND_NONE, 0, e.birth))
         shadow.detach_leaf(leaf_no)
         if time.monotonic() >= deadline:
             return shadow.is_empty()
@@ -99,7 +101,5 @@ def unique_blocks(vol: Volume, snap_id: int) -> int:
         return shadow.inode.owned_blocks
     older = vol.shadows[older_id]
     return sum(
-        1
-        for b, e in shadow.iter_entries()
-        if e.kind == KIND_ADDR and older.get(b) != EMPTY_ENTRY
+        1 for b, e in shadow.iter_entries() if e.kind == KIND_ADDR and older.get(b) != EMPTY_ENTRY
     )

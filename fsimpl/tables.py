@@ -95,9 +95,7 @@ def inode_table(store: MetaStore, root: int = 0, height: int = 0) -> RecordTable
     )
 
 
-def snapshot_table(
-    store: MetaStore, root: int = 0, height: int = 0
-) -> RecordTable[SnapshotRecord]:
+def snapshot_table(store: MetaStore, root: int = 0, height: int = 0) -> RecordTable[SnapshotRecord]:
     return RecordTable(
         store,
         OWNER_SNAP_TABLE,

@@ -82,9 +82,7 @@ class Pool:
         self.block_size = sb.block_size
         self.store = MetaStore(device, sb.block_size, cache_bytes)
         self.store.generation = sb.generation + 1
-        self.allocator = Allocator(
-            self.store, sb.capacity_blocks, sb.growable, sb.reserve_blocks
-        )
+        self.allocator = Allocator(self.store, sb.capacity_blocks, sb.growable, sb.reserve_blocks)
         self.inodes = inode_table(self.store, sb.inode_root, sb.inode_height)
         self.snaptab = snapshot_table(self.store, sb.snap_root, sb.snap_height)
         self.volumes: dict[int, Volume] = {}
@@ -252,9 +250,7 @@ class Pool:
         for vol in self.covering(rec.id):
             if vol.inode.snap_id == rec.id:
                 active = [
-                    s
-                    for s in vol.chain
-                    if s != rec.id and self.snapshots[s].state == SNAP_ACTIVE
+                    s for s in vol.chain if s != rec.id and self.snapshots[s].state == SNAP_ACTIVE
                 ]
                 vol.inode.snap_id = max(active, default=0)
                 self.touch_inode(vol.inode)

@@ -16,8 +16,9 @@ The first write to a shared block preserves it for the latest snapshot:
   copy and its map entry are committed, then live is overwritten in place. All first writes of
   one request share one commit.
 
-A block that moves from a snapshot to live (rollback) keeps birth <= latest, so it is never
-overwritten in place before it has been committed as live's.
+A shadow entry keeps the birth the data had in live, so a rollback restores exact births (and
+with them the sharing test for every older snapshot). A block that moves from a snapshot to live
+keeps birth <= latest, so it is never overwritten in place before it is committed as live's.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class DataContext:
     allocator: Allocator
     block_size: int
     birth: Callable[[], int]  # the pool's next snapshot id
-    commit: Callable[[], None]  # make everything so far durable (copy-on-write ordering)
+    commit: Callable[[], object]  # make everything so far durable (copy-on-write ordering)
 
 
 class Volume:
@@ -127,7 +128,7 @@ class Volume:
             n = min(bs - start, length - pos)
             if e.kind == KIND_ADDR:
                 disk = e.addr * bs + start
-                if run_len and run_disk + run_len == disk:
+                if run_len and run_disk + run_len == disk and run_pos + run_len == pos:
                     run_len += n
                 else:
                     if run_len:
@@ -196,7 +197,7 @@ class Volume:
                 block = memoryview(merged)
             writes.append((new * bs, block))
             if shared:
-                old = Entry(KIND_ADDR, e.addr) if e.kind == KIND_ADDR else Entry(KIND_HOLE)
+                old = Entry(e.kind if e.kind == KIND_ADDR else KIND_HOLE, e.addr, e.birth)
                 self.shadows[latest].set(b, old)
             live.set(b, Entry(KIND_ADDR, new, birth))
         _write_coalesced(ctx.device, writes)
@@ -217,11 +218,11 @@ class Volume:
                 copy = ctx.allocator.allocate(for_data=True)
                 buf = ctx.device.pread(bs, e.addr * bs)
                 ctx.device.pwrite(buf, copy * bs)
-                shadow.set(b, Entry(KIND_ADDR, copy))
+                shadow.set(b, Entry(KIND_ADDR, copy, e.birth))
                 self.live.set(b, e._replace(birth=birth))
                 copied = True
             else:  # a hole: nothing to copy, the snapshot just records it
-                shadow.set(b, Entry(KIND_HOLE))
+                shadow.set(b, Entry(KIND_HOLE, 0, e.birth))
                 self.live.set(b, Entry(KIND_NONE, birth=birth))
         if copied:
             ctx.commit()
@@ -238,7 +239,7 @@ class Volume:
                     live.clear(b)  # no snapshot needs to know it changed
                 continue  # a hole stays a hole: nothing for a snapshot to preserve
             if shared:
-                self.shadows[latest].set(b, Entry(KIND_ADDR, e.addr))
+                self.shadows[latest].set(b, Entry(KIND_ADDR, e.addr, e.birth))
                 live.set(b, Entry(KIND_NONE, birth=birth))
             else:
                 ctx.allocator.free(e.addr)

@@ -11,7 +11,6 @@ log. Nothing here decides anything: the engine does.
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
 import sys

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(
   nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin python3-venv python3-pip
-  fuse3 e2fsprogs util-linux kmod fio qemu-utils procps psmisc iproute2
+  fuse3 e2fsprogs util-linux kmod fio qemu-utils procps psmisc iproute2 nbd-client
 )
 
 missing=()

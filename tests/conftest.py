@@ -6,7 +6,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from harness import NbdkitServer
 
 
@@ -16,8 +15,7 @@ def servers(tmp_path: Path) -> Iterator[Callable[..., NbdkitServer]]:
     made: list[NbdkitServer] = []
 
     def make(disk: Path | None = None, **kw: object) -> NbdkitServer:
-        srv = NbdkitServer(tmp_path, disk or tmp_path / "pool.img",
-                           name=f"srv{len(made)}", **kw)  # type: ignore[arg-type]
+        srv = NbdkitServer(tmp_path, disk or tmp_path / "pool.img", name=f"srv{len(made)}", **kw)  # type: ignore[arg-type]
         made.append(srv)
         return srv
 

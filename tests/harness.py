@@ -32,9 +32,16 @@ def require(tool: str) -> str:
 class NbdkitServer:
     """One nbdkit + dittofs plugin process serving `disk` on a Unix socket."""
 
-    def __init__(self, workdir: Path, disk: Path, *, size: str | None = None,
-                 cow: str = "move", params: dict[str, str] | None = None,
-                 name: str = "srv") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        disk: Path,
+        *,
+        size: str | None = None,
+        cow: str = "move",
+        params: dict[str, str] | None = None,
+        name: str = "srv",
+    ) -> None:
         self.workdir = workdir
         self.disk = disk
         self.sock = workdir / f"{name}.nbd.sock"
@@ -48,9 +55,18 @@ class NbdkitServer:
         self.env = {**os.environ, "DITTOFS_RUNDIR": str(self.rundir)}
 
     def command(self) -> list[str]:
-        args = [require("nbdkit"), "-f", "--exit-with-parent", "-U", str(self.sock),
-                "python", str(PLUGIN), f"disk={self.disk}", f"cow={self.cow}",
-                f"control={self.control}"]
+        args = [
+            require("nbdkit"),
+            "-f",
+            "--exit-with-parent",
+            "-U",
+            str(self.sock),
+            "python",
+            str(PLUGIN),
+            f"disk={self.disk}",
+            f"cow={self.cow}",
+            f"control={self.control}",
+        ]
         if self.size:
             args.append(f"size={self.size}")
         args += [f"{k}={v}" for k, v in self.params.items()]
@@ -61,10 +77,14 @@ class NbdkitServer:
         for p in (self.sock,):
             if p.exists():
                 p.unlink()
-        log = open(self.logfile, "ab")
-        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env)
-        log.close()
+        with open(self.logfile, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -119,11 +139,17 @@ class NbdkitServer:
 
     def snapctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run snapctl against this server's disk (it finds the server by its run state)."""
-        cp = subprocess.run([str(SNAPCTL), "-d", str(self.disk), *args], env=self.env,
-                            capture_output=True, text=True, timeout=120)
+        cp = subprocess.run(
+            [str(SNAPCTL), "-d", str(self.disk), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         if check and cp.returncode != 0:
-            raise AssertionError(f"snapctl {' '.join(args)} failed ({cp.returncode}):\n"
-                                 f"{cp.stdout}{cp.stderr}")
+            raise AssertionError(
+                f"snapctl {' '.join(args)} failed ({cp.returncode}):\n{cp.stdout}{cp.stderr}"
+            )
         return cp
 
 
@@ -138,7 +164,9 @@ def _can_connect(path: Path) -> bool:
         s.close()
 
 
-def run_snapctl(disk: Path, *args: str, env: dict[str, str] | None = None
-                ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(SNAPCTL), "-d", str(disk), *args], capture_output=True,
-                          text=True, env=env, timeout=120)
+def run_snapctl(
+    disk: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(SNAPCTL), "-d", str(disk), *args], capture_output=True, text=True, env=env, timeout=120
+    )

@@ -164,11 +164,12 @@ class NbdTarget:
         return bytes(self._h(export).pread(length, offset))
 
 
-@pytest.mark.parametrize("cow", ["move", "copy"])
-def test_model_through_nbdkit(servers, tmp_path: Path, cow: str) -> None:  # noqa: ANN001
+@pytest.mark.parametrize(("cow", "threads"), [("move", "serialize"), ("copy", "parallel")])
+def test_model_through_nbdkit(servers, tmp_path: Path, cow: str, threads: str) -> None:  # noqa: ANN001
     seed = SEEDS[0] + 100
     size = 2 << 20
-    srv = servers(size=str(size), cow=cow, params={"block-size": "4096"}).start()
+    params = {"block-size": "4096", "threads": threads}
+    srv = servers(size=str(size), cow=cow, params=params).start()
     target = NbdTarget(srv)
     wl = Workload(Model(size, 4096), target, random.Random(seed))
     try:

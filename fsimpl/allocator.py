@@ -18,7 +18,7 @@ A growable pool (an image file) extends its capacity instead of failing when it 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .errors import NoSpace
 from .layout import (
@@ -56,6 +56,7 @@ class Allocator:
         self.cursor = 0
         self.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
         self.grown = False
+        self.commit_need: Callable[[], int] = lambda: 0  # set by the transaction layer
         store.allocate_address = self.allocate
         store.free_address = self.free
 
@@ -112,8 +113,10 @@ class Allocator:
         return bool(self.state[b >> 3] >> (b & 7) & 1)
 
     def allocate(self, for_data: bool = False) -> int:
-        """One free block. Data allocations leave `reserve` blocks for metadata."""
-        if for_data and self.free_count <= self.reserve and not self.growable:
+        """One free block. Data allocations leave room for metadata: the static `reserve`
+        (snapshot delete and rollback on a full pool) plus what committing the open transaction
+        will take, so a commit can always be written."""
+        if for_data and not self.growable and self.free_count <= self.reserve + self.commit_need():
             raise NoSpace(
                 "the pool is full: delete snapshots ('snapctl delete') or trim unused space "
                 "in the volume to free blocks"
@@ -130,6 +133,27 @@ class Allocator:
         self._set(b)
         self.cursor = b + 1
         return b
+
+    def allocate_many(self, n: int) -> list[int]:
+        """n data blocks, or none (NoSpace) if they are not all available."""
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self.allocate(for_data=True))
+        except BaseException:
+            self.unallocate(got)
+            raise
+        return got
+
+    def unallocate(self, blocks: list[int]) -> None:
+        """Take back blocks allocated in the open transaction that nothing references yet: they
+        are free in the committed state, so they are reusable at once."""
+        for b in blocks:
+            m = 1 << (b & 7)
+            self.state[b >> 3] &= ~m
+            self.busy[b >> 3] &= ~m
+            self.free_count += 1
+            self.dirty_leaves.add(b // self.bits_per_leaf)
 
     def _find_free(self) -> int:
         for start, end in ((self.cursor >> 3, len(self.busy)), (0, self.cursor >> 3)):

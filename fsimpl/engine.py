@@ -25,6 +25,7 @@ from .errors import (
     ExportGone,
     InvalidArgument,
     NameTaken,
+    NoSpace,
     NotFound,
     OutOfRange,
     PoolBusy,
@@ -95,6 +96,7 @@ class Engine:
             raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
         self.device = device
         self.pool = pool
+        pool.ctx.commit = self._commit  # copy-on-write commits get the reload-on-failure path
         self.cow = cow
         self.cache_bytes = cache_bytes
         self.lock = threading.RLock()
@@ -232,10 +234,12 @@ class Engine:
     def _reload(self) -> None:
         pid = self.pool.sb.inuse_pid
         self.pool = Pool.open(self.device, self.cache_bytes)
+        self.pool.ctx.commit = self._commit
         self.pool.sb.inuse_pid = pid
 
     def abort(self) -> None:
-        """Drop every change since the last commit."""
+        """Drop every metadata change since the last commit. (Data written in place into blocks
+        live already owned stays written: NBD allows either for unflushed writes.)"""
         with self.lock:
             self._reload()
 
@@ -350,6 +354,14 @@ class Engine:
             )
         return vol
 
+    @staticmethod
+    def _view(vol: Volume, ex: Export) -> int | None:
+        """The snapshot an export reads (None: live). While a rollback runs, live is a mix of
+        old and restored blocks, so it reads through the target snapshot, exact at every step."""
+        if ex.snap_id is None and vol.inode.op == OP_ROLLBACK:
+            return vol.inode.op_target
+        return ex.snap_id
+
     def _range(self, ex: Export, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > ex.size:
             raise OutOfRange(
@@ -375,14 +387,21 @@ class Engine:
         with self.lock:
             vol = self._volume_for(ex)
             self._range(ex, offset, len(out))
-            vol.read(self.pool.ctx, ex.snap_id, out, offset)
+            vol.read(self.pool.ctx, self._view(vol, ex), out, offset)
 
     def write(self, ex: Export, data: memoryview, offset: int, fua: bool = False) -> None:
         with self.lock:
             vol = self._writable(ex)
             self._range(ex, offset, len(data))
             if len(data):
-                vol.write(self.pool.ctx, data, offset, self.cow)
+                try:
+                    vol.write(self.pool.ctx, data, offset, self.cow)
+                except NoSpace:
+                    # Blocks freed since the last commit, and the room kept for committing,
+                    # come back with a commit; if the pool is still full, the writer hears it.
+                    if not self._commit():
+                        raise
+                    vol.write(self.pool.ctx, data, offset, self.cow)
             if fua:
                 self._make_durable()
 
@@ -427,7 +446,7 @@ class Engine:
             self._range(ex, offset, length)
             bs = self.pool.block_size
             length = min(length, EXTENTS_MAX_BLOCKS * bs - offset % bs)
-            return vol.extents(ex.snap_id, offset, length, bs)
+            return vol.extents(self._view(vol, ex), offset, length, bs)
 
     # --- snapshots ----------------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class MetaStore:
         self.free_address: Callable[[int], None] = _no_allocator_free
         self.nodes_read = 0
         self.nodes_written = 0
+        self.dirty_nodes = 0  # dirtied or created since the last commit (an upper bound)
 
     def load(self, addr: int, btype: int, level: int) -> Node:
         node = self.cache.get(addr)
@@ -86,6 +87,7 @@ class MetaStore:
         if node.dirty:
             return
         node.dirty = True
+        self.dirty_nodes += 1
         if node.addr:
             self.cache.pop(node.addr, None)
             self.free_address(node.addr)
@@ -118,6 +120,7 @@ class MetaStore:
     def new_node(self, level: int) -> Node:
         node = Node(bytearray(self.block_size), level, 0)
         node.dirty = True
+        self.dirty_nodes += 1
         return node
 
     def drop_cache(self) -> None:

@@ -99,6 +99,7 @@ class Pool:
             commit=self.commit,
         )
         self.commits = 0
+        self.allocator.commit_need = self._commit_need
 
     # --- open and format ----------------------------------------------------------------------
 
@@ -283,6 +284,14 @@ class Pool:
 
     # --- commit -------------------------------------------------------------------------------
 
+    def _commit_need(self) -> int:
+        """An upper bound on the blocks the next commit allocates: every dirty node, the table
+        paths the dirty records will dirty, and the bitmap blocks with their paths."""
+        tables = (self.inodes.height + 2) * (1 + len(self.dirty_inodes) + len(self.dirty_maps))
+        tables += (self.snaptab.height + 2) * (1 + len(self.dirty_snaps))
+        bitmap = (len(self.allocator.dirty_leaves) + 2) * (self.allocator.tree.height + 2)
+        return self.store.dirty_nodes + tables + bitmap
+
     @property
     def is_dirty(self) -> bool:
         return bool(
@@ -325,6 +334,7 @@ class Pool:
         self.device.sync()
 
         self.store.generation = sb.generation + 1
+        self.store.dirty_nodes = 0
         self.dirty_maps.clear()
         self.dirty_inodes.clear()
         self.dirty_snaps.clear()

@@ -161,46 +161,54 @@ class Volume:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def _is_shared(self, e: Entry) -> bool:
-        latest = self.inode.snap_id
-        return latest != 0 and e.birth <= latest
-
     def write(self, ctx: DataContext, data: memoryview, offset: int, cow: str) -> None:
+        """Write data at offset. The blocks it needs are allocated first and written before any
+        map changes, so a failed write leaves the maps (and every other byte) as they were."""
         bs = ctx.block_size
         first = offset // bs
         last = (offset + len(data) - 1) // bs
         latest = self.inode.snap_id
         if cow == COW_COPY and latest:
             self._preserve_by_copy(ctx, first, last)
-        writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced at the end
+        entries = self.live_range(first, last - first + 1)
+        moves = sum(
+            1 for e in entries if e.kind != KIND_ADDR or (latest != 0 and e.birth <= latest)
+        )
+        fresh = ctx.allocator.allocate_many(moves)
+        writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
+        remap: list[tuple[int, Entry, int]] = []  # (block, old entry, new address)
+        try:
+            pos = 0
+            for i, e in enumerate(entries):
+                b = first + i
+                start = offset + pos - b * bs
+                n = min(bs - start, len(data) - pos)
+                chunk = data[pos : pos + n]
+                pos += n
+                if e.kind == KIND_ADDR and not (latest != 0 and e.birth <= latest):
+                    writes.append((e.addr * bs + start, chunk))
+                    continue
+                new = fresh[len(remap)]
+                if n == bs:
+                    block: memoryview = chunk
+                else:
+                    merged = bytearray(bs)
+                    if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
+                        ctx.device.pread_into(merged, e.addr * bs)
+                    merged[start : start + n] = chunk
+                    block = memoryview(merged)
+                writes.append((new * bs, block))
+                remap.append((b, e, new))
+            _write_coalesced(ctx.device, writes)
+        except BaseException:
+            ctx.allocator.unallocate(fresh)
+            raise
         birth = ctx.birth()
-        live = self.live
-        pos = 0
-        for b in range(first, last + 1):
-            e = live.get(b)
-            start = offset + pos - b * bs
-            n = min(bs - start, len(data) - pos)
-            chunk = data[pos : pos + n]
-            pos += n
-            shared = latest != 0 and e.birth <= latest
-            if e.kind == KIND_ADDR and not shared:
-                writes.append((e.addr * bs + start, chunk))
-                continue
-            new = ctx.allocator.allocate(for_data=True)
-            if n == bs:
-                block: memoryview = chunk
-            else:
-                merged = bytearray(bs)
-                if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
-                    ctx.device.pread_into(merged, e.addr * bs)
-                merged[start : start + n] = chunk
-                block = memoryview(merged)
-            writes.append((new * bs, block))
-            if shared:
-                old = Entry(e.kind if e.kind == KIND_ADDR else KIND_HOLE, e.addr, e.birth)
-                self.shadows[latest].set(b, old)
-            live.set(b, Entry(KIND_ADDR, new, birth))
-        _write_coalesced(ctx.device, writes)
+        for b, e, new in remap:
+            if latest != 0 and e.birth <= latest:  # first write since the snapshot
+                kind = KIND_ADDR if e.kind == KIND_ADDR else KIND_HOLE
+                self.shadows[latest].set(b, Entry(kind, e.addr, e.birth))
+            self.live.set(b, Entry(KIND_ADDR, new, birth))
 
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
         """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
@@ -208,23 +216,28 @@ class Volume:
         bs = ctx.block_size
         latest = self.inode.snap_id
         shadow = self.shadows[latest]
+        entries = self.live_range(first, last - first + 1)
+        shared = [(first + i, e) for i, e in enumerate(entries) if e.birth <= latest]
+        if not shared:
+            return
+        to_copy = [(b, e) for b, e in shared if e.kind == KIND_ADDR]
+        copies = ctx.allocator.allocate_many(len(to_copy))
+        try:
+            for (_, e), copy in zip(to_copy, copies, strict=True):
+                ctx.device.pwrite(ctx.device.pread(bs, e.addr * bs), copy * bs)
+        except BaseException:
+            ctx.allocator.unallocate(copies)
+            raise
         birth = ctx.birth()
-        copied = False
-        for b in range(first, last + 1):
-            e = self.live.get(b)
-            if not (e.birth <= latest):
-                continue
+        copy_of = dict(zip((b for b, _ in to_copy), copies, strict=True))
+        for b, e in shared:
             if e.kind == KIND_ADDR:
-                copy = ctx.allocator.allocate(for_data=True)
-                buf = ctx.device.pread(bs, e.addr * bs)
-                ctx.device.pwrite(buf, copy * bs)
-                shadow.set(b, Entry(KIND_ADDR, copy, e.birth))
+                shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth))
                 self.live.set(b, e._replace(birth=birth))
-                copied = True
             else:  # a hole: nothing to copy, the snapshot just records it
                 shadow.set(b, Entry(KIND_HOLE, 0, e.birth))
-                self.live.set(b, Entry(KIND_NONE, birth=birth))
-        if copied:
+                self.live.set(b, Entry(KIND_NONE, 0, birth))
+        if copies:
             ctx.commit()
 
     def deallocate(self, ctx: DataContext, first: int, count: int) -> None:

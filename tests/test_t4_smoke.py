@@ -16,3 +16,19 @@ def test_snapshot_reads_old_data(servers, tmp_path: Path) -> None:
     assert snap.pread(15000, 70000) == b"one" * 5000
     assert live.pread(15000, 70000) == b"two" * 5000
     assert snap.is_read_only()
+
+
+def test_trim_gives_space_back_to_the_host(servers, tmp_path: Path) -> None:
+    """Freed blocks are punched out of the image file: a thin image shrinks again."""
+    srv = servers(size="64M").start()
+    live = srv.connect("live")
+    for off in range(0, 32 << 20, 1 << 20):
+        live.pwrite(b"\xa5" * (1 << 20), off)
+    live.flush()
+    full = (tmp_path / "pool.img").stat().st_blocks * 512
+    assert full >= 32 << 20
+    live.trim(32 << 20, 0)
+    live.flush()
+    after = (tmp_path / "pool.img").stat().st_blocks * 512
+    assert after < full - (30 << 20), (full, after)
+    assert live.pread(4096, 5 << 20) == bytes(4096)

@@ -24,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from .engine import Engine, Progress, SnapshotInfo
+from .engine import Engine
 from .errors import DittoError, InvalidArgument, PermissionDenied, ProtocolError
+from .management import DEFAULT_HOLD_TAG, Progress, SnapshotInfo
+from .names import DEFAULT_VOLUME
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE = 1 << 20
@@ -46,6 +48,28 @@ def _str(args: dict[str, Any], key: str, required: bool = True) -> str | None:
     return v
 
 
+def _name(args: dict[str, Any], key: str = "name") -> str:
+    return _str(args, key) or ""
+
+
+def _flag(args: dict[str, Any], key: str) -> bool:
+    v = args.get(key, False)
+    if not isinstance(v, bool):
+        raise InvalidArgument(f"argument '{key}' must be true or false")
+    return v
+
+
+def _count(args: dict[str, Any], key: str) -> int:
+    v = args.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise InvalidArgument(f"argument '{key}' must be a count >= 0")
+    return v
+
+
+def _volume(args: dict[str, Any]) -> str:
+    return _str(args, "volume", False) or DEFAULT_VOLUME
+
+
 def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress | None) -> Any:
     """Run one management operation; raises DittoError on failure."""
     if op == "hello":
@@ -54,24 +78,48 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
         return engine.info()
     if op == "list":
         return [snapshot_json(s) for s in engine.list_snapshots()]
+    if op == "names":
+        return engine.snapshot_names()
     if op == "create":
         vols = args.get("volumes")
         if vols is not None and not (
             isinstance(vols, list) and all(isinstance(v, str) for v in vols)
         ):
             raise InvalidArgument("argument 'volumes' must be a list of volume names")
-        return snapshot_json(engine.create_snapshot(_str(args, "name") or "", vols))
+        return snapshot_json(engine.create_snapshot(_name(args), vols))
     if op == "delete":
-        freed = engine.delete_snapshot(_str(args, "name") or "", progress)
+        freed = engine.delete_snapshot(_name(args), progress, _flag(args, "dry_run"))
         return {"freed_bytes": freed}
-    if op == "rollback":
-        engine.rollback(_str(args, "name") or "", _str(args, "volume", False) or "live")
+    if op == "rename":
+        engine.rename_snapshot(_name(args, "old"), _name(args, "new"))
         return {}
-    if op == "diff":
-        ranges = engine.diff_blocks(
-            _str(args, "from") or "", _str(args, "to", False), _str(args, "volume", False) or "live"
+    if op == "hold":
+        return {"holds": engine.hold(_name(args), _str(args, "tag", False) or DEFAULT_HOLD_TAG)}
+    if op == "release":
+        tag = _str(args, "tag", False) or DEFAULT_HOLD_TAG
+        return {"holds": engine.release(_name(args), tag)}
+    if op == "rollback":
+        destroyed = engine.rollback(
+            _name(args),
+            _volume(args),
+            _flag(args, "destroy_newer"),
+            _flag(args, "force"),
+            progress,
         )
+        return {"destroyed": destroyed}
+    if op == "diff":
+        ranges = engine.diff_blocks(_name(args, "from"), _str(args, "to", False), _volume(args))
         return {"ranges": ranges, "changed_bytes": sum(n for _, n in ranges)}
+    if op == "du":
+        return engine.space(_str(args, "from", False), _str(args, "to", False), _volume(args))
+    if op == "prune":
+        return engine.prune(
+            _count(args, "keep_last"),
+            _count(args, "keep_hourly"),
+            _count(args, "keep_daily"),
+            _str(args, "prefix", False) or "",
+            _flag(args, "dry_run"),
+        )
     if op == "exports":
         return [{"name": n, "description": d} for n, d in engine.export_names()]
     raise ProtocolError(f"unknown operation '{op}'")

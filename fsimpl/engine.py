@@ -24,7 +24,6 @@ from .errors import (
     DittoError,
     ExportGone,
     InvalidArgument,
-    NameTaken,
     NoSpace,
     NotFound,
     OutOfRange,
@@ -34,14 +33,13 @@ from .errors import (
 )
 from .layout import (
     DEFAULT_BLOCK_SIZE,
-    FORMAT_VERSION,
     KIND_ADDR,
     OP_NONE,
     OP_ROLLBACK,
-    ROLE_NAMES,
     SNAP_ACTIVE,
     SnapshotRecord,
 )
+from .management import Progress, SnapshotManagement
 from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
@@ -50,8 +48,6 @@ from .volume import COW_COPY, COW_MOVE, Volume
 COMMIT_INTERVAL = 5.0
 STEP_SECONDS = 0.02
 EXTENTS_MAX_BLOCKS = 1 << 16
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -65,19 +61,7 @@ class Export:
     incarnation: int
     size: int
     description: str
-
-
-@dataclass
-class SnapshotInfo:
-    name: str
-    id: int
-    guid: str
-    created_ns: int
-    volumes: list[str]
-    used_bytes: int
-    referenced_bytes: int
-    written_bytes: int
-    holds: list[str]
+    client: bool = False  # counted in Engine.connections
 
 
 def _pid_alive(pid: int) -> bool:
@@ -90,7 +74,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Engine:
+class Engine(SnapshotManagement):
     def __init__(self, device: Device, pool: Pool, cow: str, cache_bytes: int) -> None:
         if cow not in (COW_MOVE, COW_COPY):
             raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
@@ -102,7 +86,7 @@ class Engine:
         self.lock = threading.RLock()
         self.last_commit = time.monotonic()
         self.claimed_pid = 0
-        self.open_exports: dict[int, int] = {}  # volume ino -> writable connections
+        self.connections: dict[int, int] = {}  # volume ino -> open connections to the volume
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -300,11 +284,15 @@ class Engine:
                         out.append((f"{vol.name}@{rec.name}", _describe_snapshot(rec, vol)))
             return out
 
-    def open_export(self, name: str, readonly: bool) -> Export:
+    def open_export(self, name: str, readonly: bool, client: bool = False) -> Export:
+        """Resolve an export name for a connection. client=True counts it as a connected client
+        of the volume (rollback refuses while there are any); close it with close_export."""
         with self.lock:
             parsed = parse_export(name)
             vol = self.volume(parsed.volume)
             if parsed.snapshot is None:
+                if client:
+                    self.connections[vol.ino] = self.connections.get(vol.ino, 0) + 1
                 return Export(
                     name or DEFAULT_VOLUME,
                     vol.ino,
@@ -313,6 +301,7 @@ class Engine:
                     vol.inode.incarnation,
                     vol.inode.size,
                     f"volume {vol.name} ({'read-only' if readonly else 'read-write'})",
+                    client,
                 )
             if parsed.snapshot == LATEST:
                 rec = self._latest_of(vol)
@@ -335,6 +324,13 @@ class Engine:
                 shadow.inode.size,
                 _describe_snapshot(rec, vol),
             )
+
+    def close_export(self, ex: Export) -> None:
+        """A connection ended (counted for rollback's busy check)."""
+        with self.lock:
+            if ex.client and self.connections.get(ex.volume_ino):
+                self.connections[ex.volume_ino] -= 1
+                ex.client = False
 
     def _volume_for(self, ex: Export) -> Volume:
         vol = self.pool.volumes.get(ex.volume_ino)
@@ -448,41 +444,7 @@ class Engine:
             length = min(length, EXTENTS_MAX_BLOCKS * bs - offset % bs)
             return vol.extents(self._view(vol, ex), offset, length, bs)
 
-    # --- snapshots ----------------------------------------------------------------------------
-
-    def create_snapshot(self, name: str, volumes: list[str] | None = None) -> SnapshotInfo:
-        with self.lock:
-            check_name(name)
-            if any(r.name == name and r.state == SNAP_ACTIVE for r in self.pool.snapshots.values()):
-                raise NameTaken(f"a snapshot named '{name}' already exists; pick another name")
-            if volumes:
-                vols = [self.volume(v) for v in dict.fromkeys(volumes)]
-            else:
-                vols = sorted(self.pool.volumes.values(), key=lambda v: v.ino)
-            for vol in vols:
-                if vol.inode.op != OP_NONE:
-                    raise Refused(f"volume {vol.name} is being rolled back; try again after")
-            rec = self.pool.create_snapshot(name, vols)
-            self._commit()
-            return self._info(rec)
-
-    def delete_snapshot(self, name: str, progress: Progress | None = None) -> int:
-        """Delete a snapshot; returns the bytes freed. Readers of it get ExportGone from now."""
-        with self.lock:
-            rec = self.snapshot(name)
-            if rec.holds:
-                raise Refused(
-                    f"snapshot '{name}' is held ({', '.join(rec.holds)}); release the holds "
-                    "with 'snapctl release' first"
-                )
-            before = self.pool.allocator.free_count
-            total = sum(v.shadows[rec.id].inode.entry_count for v in self.pool.covering(rec.id))
-            self.pool.mark_deleting(rec)
-            self._commit()
-        self._run_steps(lambda: rec.id in self.pool.snapshots, total, progress)
-        with self.lock:
-            self._commit()
-            return max(0, self.pool.allocator.free_count - before) * self.pool.block_size
+    # --- background work ---------------------------------------------------------------------
 
     def _run_steps(self, busy: Callable[[], bool], total: int, progress: Progress | None) -> None:
         """Run background steps until busy() turns false, releasing the lock between steps."""
@@ -490,7 +452,8 @@ class Engine:
             with self.lock:
                 if not busy():
                     break
-                self._background_step()
+                if not self._background_step() and busy():
+                    break  # nothing left that could end the wait: the caller re-checks
                 if progress:
                     left = sum(
                         sh.inode.entry_count
@@ -520,109 +483,6 @@ class Engine:
         if done:
             pool.finish_delete(sid)
         return len(pending) > 1 or not done
-
-    def rollback(self, name: str, volume: str = DEFAULT_VOLUME) -> None:
-        """Make volume read exactly what snapshot name held (it must be the newest)."""
-        with self.lock:
-            rec = self.snapshot(name)
-            vol = self.volume(volume)
-            if rec.id not in vol.shadows:
-                raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
-            newer = [self.pool.snapshots[s].name for s in vol.chain if s > rec.id]
-            if newer:
-                raise Refused(
-                    f"snapshots newer than '{name}' exist ({', '.join(newer)}); delete them "
-                    "first (or use --destroy-newer)"
-                )
-            vol.inode.op = OP_ROLLBACK
-            vol.inode.op_target = rec.id
-            vol.inode.incarnation += 1
-            self.pool.touch_inode(vol.inode)
-            self._commit()
-        self._run_steps(lambda: vol.inode.op == OP_ROLLBACK, 0, None)
-        with self.lock:
-            self._commit()
-
-    def diff_blocks(
-        self, from_name: str, to_name: str | None, volume: str = DEFAULT_VOLUME
-    ) -> list[tuple[int, int]]:
-        """Byte ranges (offset, length) that may differ between two snapshots (to: None =
-        live), from the shadow maps alone."""
-        with self.lock:
-            vol = self.volume(volume)
-            a = self.snapshot(from_name)
-            b = self.snapshot(to_name) if to_name else None
-            if b is not None and b.id <= a.id:
-                raise InvalidArgument(f"'{from_name}' must be older than '{to_name}'")
-            bs = self.pool.block_size
-            blocks = snapops.changed_blocks(vol, a.id, b.id if b else None)
-            return [(f * bs, n * bs) for f, n in snapops.block_runs(blocks)]
-
-    def list_snapshots(self) -> list[SnapshotInfo]:
-        with self.lock:
-            return [
-                self._info(r)
-                for r in sorted(self.pool.snapshots.values(), key=lambda r: r.id)
-                if r.state == SNAP_ACTIVE
-            ]
-
-    def _info(self, rec: SnapshotRecord) -> SnapshotInfo:
-        bs = self.pool.block_size
-        vols = self.pool.covering(rec.id)
-        used = referenced = written = 0
-        for vol in vols:
-            shadow = vol.shadows[rec.id]
-            used += snapops.unique_blocks(vol, rec.id)
-            referenced += shadow.inode.referenced_blocks
-            older = vol.older_than(rec.id)
-            written += (
-                vol.shadows[older].inode.owned_blocks if older else shadow.inode.referenced_blocks
-            )
-        return SnapshotInfo(
-            name=rec.name,
-            id=rec.id,
-            guid=rec.guid.hex(),
-            created_ns=rec.created_ns,
-            volumes=[v.name for v in vols],
-            used_bytes=used * bs,
-            referenced_bytes=referenced * bs,
-            written_bytes=written * bs,
-            holds=list(rec.holds),
-        )
-
-    def info(self) -> dict[str, object]:
-        with self.lock:
-            pool = self.pool
-            sb = pool.sb
-            bs = pool.block_size
-            return {
-                "disk": self.device.path,
-                "format_version": FORMAT_VERSION,
-                "pool_guid": sb.pool_guid.hex(),
-                "block_size": bs,
-                "capacity_bytes": pool.allocator.capacity * bs,
-                "growable": sb.growable,
-                "used_bytes": pool.allocator.used_blocks * bs,
-                "free_bytes": pool.allocator.free_count * bs,
-                "host_allocated_bytes": self.device.allocated_bytes(),
-                "generation": sb.generation,
-                "volumes": [
-                    {
-                        "name": v.name,
-                        "size_bytes": v.inode.size,
-                        "allocated_bytes": v.inode.owned_blocks * bs,
-                        "snapshots": sum(
-                            1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE
-                        ),
-                    }
-                    for v in sorted(pool.volumes.values(), key=lambda v: v.ino)
-                ],
-                "snapshot_count": sum(1 for r in pool.snapshots.values() if r.state == SNAP_ACTIVE),
-                "pending_deletes": len(pool.pending_deletes()),
-                "role": ROLE_NAMES.get(sb.role, str(sb.role)),
-                "cow": self.cow,
-                "server_pid": sb.inuse_pid,
-            }
 
 
 def _describe_snapshot(rec: SnapshotRecord, vol: Volume) -> str:

@@ -147,10 +147,15 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 def open(readonly: bool) -> Export:  # noqa: A001 - nbdkit's callback name
     assert _engine is not None
     try:
-        return _engine.open_export(nbdkit.export_name(), readonly)
+        return _engine.open_export(nbdkit.export_name(), readonly, client=True)
     except DittoError as e:
         _fail(e)
         raise
+
+
+def close(h: Export) -> None:
+    if _engine is not None:
+        _engine.close_export(h)
 
 
 def export_description(h: Export) -> str:

@@ -147,7 +147,7 @@ class NbdTarget:
         self.handles.pop(f"live@{name}", None)
 
     def rollback(self, name: str) -> None:
-        self._client().call("rollback", {"name": name})
+        self._client().call("rollback", {"name": name, "force": True})
         self.handles.pop("live", None)  # its requests fail until it reconnects
 
     def restart(self) -> None:

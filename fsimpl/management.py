@@ -1,0 +1,416 @@
+"""Snapshot management: the operations snapctl offers, as part of the engine facade.
+
+`SnapshotManagement` is mixed into `Engine` (engine.py), which supplies the lock, the pool, the
+commit and the stepping machinery declared below. Every operation validates everything before it
+changes anything, so a refused command leaves the pool byte-identical; every change commits
+before it returns. Space figures come from the shadow maps and their counters, never from data.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from . import retention
+from . import snapshots as snapops
+from .errors import InvalidArgument, InvalidName, NameTaken, NotFound, Refused
+from .layout import (
+    EMPTY_ENTRY,
+    FORMAT_VERSION,
+    HOLD_TAG_MAX,
+    KIND_ADDR,
+    MAX_HOLDS,
+    OP_NONE,
+    OP_ROLLBACK,
+    ROLE_NAMES,
+    SNAP_ACTIVE,
+    SnapshotRecord,
+)
+from .names import DEFAULT_VOLUME, check_name
+from .volume import Volume
+
+if TYPE_CHECKING:
+    from .device import Device
+    from .txn import Pool
+
+Progress = Callable[[int, int], None]
+DEFAULT_HOLD_TAG = "hold"
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    id: int
+    guid: str
+    created_ns: int
+    volumes: list[str]
+    used_bytes: int
+    referenced_bytes: int
+    written_bytes: int
+    holds: list[str]
+
+
+def check_tag(tag: str) -> str:
+    if not (1 <= len(tag) <= HOLD_TAG_MAX):
+        raise InvalidName(f"a hold tag is 1-{HOLD_TAG_MAX} characters; '{tag[:40]}' is not")
+    try:
+        check_name(tag, "hold tag")
+    except InvalidName as e:
+        if tag != "latest":
+            raise InvalidName(str(e).replace("hold tag name", "hold tag")) from None
+    return tag
+
+
+class SnapshotManagement:
+    if TYPE_CHECKING:
+        lock: threading.RLock
+        pool: Pool
+        device: Device
+        cow: str
+        connections: dict[int, int]
+
+        def _commit(self) -> bool: ...
+        def _run_steps(
+            self, busy: Callable[[], bool], total: int, progress: Progress | None
+        ) -> None: ...
+        def volume(self, name: str) -> Volume: ...
+        def snapshot(self, name: str) -> SnapshotRecord: ...
+
+    # --- create, rename, holds ----------------------------------------------------------------
+
+    def _name_free(self, name: str) -> None:
+        check_name(name)
+        if any(r.name == name and r.state == SNAP_ACTIVE for r in self.pool.snapshots.values()):
+            raise NameTaken(f"a snapshot named '{name}' already exists; pick another name")
+
+    def create_snapshot(self, name: str, volumes: list[str] | None = None) -> SnapshotInfo:
+        """A new snapshot of the volumes (all of them by default, in one transaction)."""
+        with self.lock:
+            self._name_free(name)
+            if volumes:
+                vols = [self.volume(v) for v in dict.fromkeys(volumes)]
+            else:
+                vols = sorted(self.pool.volumes.values(), key=lambda v: v.ino)
+            for vol in vols:
+                if vol.inode.op != OP_NONE:
+                    raise Refused(f"volume {vol.name} is being rolled back; try again after")
+            rec = self.pool.create_snapshot(name, vols)
+            self._commit()
+            return self._info(rec)
+
+    def rename_snapshot(self, old: str, new: str) -> None:
+        with self.lock:
+            rec = self.snapshot(old)
+            self._name_free(new)
+            rec.name = new
+            self.pool.touch_snapshot(rec)
+            self._commit()
+
+    def hold(self, name: str, tag: str = DEFAULT_HOLD_TAG) -> list[str]:
+        """Protect a snapshot from delete, prune and rollback --destroy-newer."""
+        with self.lock:
+            rec = self.snapshot(name)
+            check_tag(tag)
+            if tag in rec.holds:
+                raise NameTaken(f"snapshot '{name}' already has a hold tagged '{tag}'")
+            if len(rec.holds) >= MAX_HOLDS:
+                raise Refused(
+                    f"snapshot '{name}' already has {MAX_HOLDS} holds, the most a "
+                    "snapshot can carry; release one first"
+                )
+            rec.holds.append(tag)
+            self.pool.touch_snapshot(rec)
+            self._commit()
+            return list(rec.holds)
+
+    def release(self, name: str, tag: str = DEFAULT_HOLD_TAG) -> list[str]:
+        with self.lock:
+            rec = self.snapshot(name)
+            if tag not in rec.holds:
+                held = ", ".join(rec.holds) or "none"
+                raise NotFound(f"snapshot '{name}' has no hold tagged '{tag}' (holds: {held})")
+            rec.holds.remove(tag)
+            self.pool.touch_snapshot(rec)
+            self._commit()
+            return list(rec.holds)
+
+    # --- delete and prune ---------------------------------------------------------------------
+
+    def _deletable(self, rec: SnapshotRecord) -> None:
+        if rec.holds:
+            raise Refused(
+                f"snapshot '{rec.name}' is held ({', '.join(rec.holds)}); release the holds "
+                f"with 'snapctl release {rec.name} --tag TAG' first"
+            )
+
+    def delete_snapshot(
+        self, name: str, progress: Progress | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete a snapshot; returns the bytes freed (with dry_run: that would be freed).
+        Readers of it get ExportGone from the moment it is marked."""
+        with self.lock:
+            rec = self.snapshot(name)
+            self._deletable(rec)
+            bs = self.pool.block_size
+            if dry_run:
+                return bs * sum(
+                    snapops.unique_blocks(v, rec.id) for v in self.pool.covering(rec.id)
+                )
+            before = self.pool.allocator.free_count
+            total = sum(v.shadows[rec.id].inode.entry_count for v in self.pool.covering(rec.id))
+            self.pool.mark_deleting(rec)
+            self._commit()
+        self._run_steps(lambda: rec.id in self.pool.snapshots, total, progress)
+        with self.lock:
+            self._commit()
+            return max(0, self.pool.allocator.free_count - before) * bs
+
+    def prune(
+        self,
+        keep_last: int,
+        keep_hourly: int = 0,
+        keep_daily: int = 0,
+        prefix: str = "",
+        dry_run: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Apply a retention policy (retention.py); held snapshots are never deleted."""
+        if keep_last < 0 or keep_hourly < 0 or keep_daily < 0:
+            raise InvalidArgument("--keep-* counts must not be negative")
+        with self.lock:
+            candidates = [
+                retention.Candidate(r.name, r.created_ns, list(r.holds))
+                for r in self.pool.snapshots.values()
+                if r.state == SNAP_ACTIVE
+            ]
+            verdicts = retention.plan(candidates, keep_last, keep_hourly, keep_daily, prefix)
+        out = []
+        for v in verdicts:
+            freed = 0
+            if not v.keep:
+                freed = self.delete_snapshot(v.name, dry_run=dry_run)
+            out.append({"name": v.name, "keep": v.keep, "reasons": v.reasons, "freed_bytes": freed})
+        return out
+
+    # --- rollback -----------------------------------------------------------------------------
+
+    def rollback(
+        self,
+        name: str,
+        volume: str = DEFAULT_VOLUME,
+        destroy_newer: bool = False,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Make the volume read exactly what snapshot name held (the patent's restore). Newer
+        snapshots must go first (destroy_newer does it); connected clients must be gone unless
+        force, after which their requests fail until they reconnect. Returns the names of the
+        snapshots destroyed."""
+        with self.lock:
+            rec = self.snapshot(name)
+            vol = self.volume(volume)
+            if rec.id not in vol.shadows:
+                raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
+            newer = [
+                self.pool.snapshots[s]
+                for s in vol.chain
+                if s > rec.id and self.pool.snapshots[s].state == SNAP_ACTIVE
+            ]
+            if newer and not destroy_newer:
+                raise Refused(
+                    f"snapshots newer than '{name}' exist ({', '.join(r.name for r in newer)}); "
+                    "delete them first, or add --destroy-newer"
+                )
+            held = [r for r in newer if r.holds]
+            if held:
+                raise Refused(
+                    "newer snapshots are held and cannot be destroyed: "
+                    + ", ".join(f"{r.name} ({', '.join(r.holds)})" for r in held)
+                )
+            clients = self.connections.get(vol.ino, 0)
+            if clients and not force:
+                raise Refused(
+                    f"volume {vol.name} has {clients} client connection(s); disconnect them "
+                    "first, or add --force (their requests then fail until they reconnect)"
+                )
+            for r in newer:
+                self.pool.mark_deleting(r)
+            if newer:
+                self._commit()
+        # newer snapshots still being reclaimed sit between the target and live: finish them
+        self._run_steps(lambda: vol.chain[-1] != rec.id, 0, progress)
+        with self.lock:
+            if rec.id not in self.pool.snapshots or vol.chain[-1] != rec.id:
+                raise Refused(f"snapshots changed during the rollback to '{name}'; run it again")
+            total = vol.shadows[rec.id].inode.entry_count
+            vol.inode.op = OP_ROLLBACK
+            vol.inode.op_target = rec.id
+            vol.inode.incarnation += 1
+            self.pool.touch_inode(vol.inode)
+            self._commit()
+        self._run_steps(lambda: vol.inode.op == OP_ROLLBACK, total, progress)
+        with self.lock:
+            self._commit()
+        return [r.name for r in newer]
+
+    # --- diff and space -----------------------------------------------------------------------
+
+    def diff_blocks(
+        self, from_name: str, to_name: str | None, volume: str = DEFAULT_VOLUME
+    ) -> list[tuple[int, int]]:
+        """Byte ranges (offset, length) that may differ between two snapshots (to: None =
+        live), from the shadow maps alone."""
+        with self.lock:
+            vol = self.volume(volume)
+            a = self.snapshot(from_name)
+            b = self.snapshot(to_name) if to_name else None
+            for r in (a, b):
+                if r is not None and r.id not in vol.shadows:
+                    raise NotFound(f"snapshot '{r.name}' does not cover volume {vol.name}")
+            if b is not None and b.id <= a.id:
+                raise InvalidArgument(f"'{from_name}' must be older than '{to_name}': swap them")
+            bs = self.pool.block_size
+            size = vol.shadows[b.id].inode.size if b else vol.inode.size
+            blocks = snapops.changed_blocks(vol, a.id, b.id if b else None)
+            return [
+                (f * bs, min(n * bs, size - f * bs))
+                for f, n in snapops.block_runs(blocks)
+                if f * bs < size
+            ]
+
+    def space(
+        self,
+        from_name: str | None = None,
+        to_name: str | None = None,
+        volume: str = DEFAULT_VOLUME,
+    ) -> dict[str, Any]:
+        """Space per snapshot and live; with a range FROM..TO, what deleting it all would free."""
+        with self.lock:
+            vol = self.volume(volume)
+            bs = self.pool.block_size
+            active = [s for s in vol.chain if self.pool.snapshots[s].state == SNAP_ACTIVE]
+            rows = [
+                {
+                    "name": self.pool.snapshots[s].name,
+                    "used_bytes": snapops.unique_blocks(vol, s) * bs,
+                    "owned_bytes": vol.shadows[s].inode.owned_blocks * bs,
+                }
+                for s in active
+            ]
+            result: dict[str, Any] = {
+                "volume": vol.name,
+                "snapshots": rows,
+                "live_bytes": vol.inode.owned_blocks * bs,
+                "snapshots_bytes": sum(vol.shadows[s].inode.owned_blocks for s in vol.chain) * bs,
+            }
+            if from_name is not None:
+                a = self.snapshot(from_name)
+                b = self.snapshot(to_name) if to_name else a
+                if b.id < a.id:
+                    raise InvalidArgument(f"'{from_name}' must not be newer than '{to_name}'")
+                span = [s for s in active if a.id <= s <= b.id]
+                if a.id not in span or b.id not in span:
+                    raise NotFound(f"the range must name snapshots of volume {vol.name}")
+                result["range"] = {
+                    "from": a.name,
+                    "to": b.name,
+                    "snapshots": [self.pool.snapshots[s].name for s in span],
+                    "freed_bytes": _range_freed(vol, span) * bs,
+                }
+            return result
+
+    # --- listing ------------------------------------------------------------------------------
+
+    def list_snapshots(self) -> list[SnapshotInfo]:
+        with self.lock:
+            return [
+                self._info(r)
+                for r in sorted(self.pool.snapshots.values(), key=lambda r: r.id)
+                if r.state == SNAP_ACTIVE
+            ]
+
+    def snapshot_names(self) -> list[str]:
+        with self.lock:
+            return sorted(r.name for r in self.pool.snapshots.values() if r.state == SNAP_ACTIVE)
+
+    def _info(self, rec: SnapshotRecord) -> SnapshotInfo:
+        bs = self.pool.block_size
+        vols = self.pool.covering(rec.id)
+        used = referenced = written = 0
+        for vol in vols:
+            shadow = vol.shadows[rec.id]
+            used += snapops.unique_blocks(vol, rec.id)
+            referenced += shadow.inode.referenced_blocks
+            older = vol.older_than(rec.id)
+            written += (
+                vol.shadows[older].inode.owned_blocks if older else shadow.inode.referenced_blocks
+            )
+        return SnapshotInfo(
+            name=rec.name,
+            id=rec.id,
+            guid=rec.guid.hex(),
+            created_ns=rec.created_ns,
+            volumes=[v.name for v in vols],
+            used_bytes=used * bs,
+            referenced_bytes=referenced * bs,
+            written_bytes=written * bs,
+            holds=list(rec.holds),
+        )
+
+    def info(self) -> dict[str, object]:
+        with self.lock:
+            pool = self.pool
+            sb = pool.sb
+            bs = pool.block_size
+            active = [r for r in pool.snapshots.values() if r.state == SNAP_ACTIVE]
+            return {
+                "disk": self.device.path,
+                "format_version": FORMAT_VERSION,
+                "pool_guid": sb.pool_guid.hex(),
+                "block_size": bs,
+                "capacity_bytes": pool.allocator.capacity * bs,
+                "growable": sb.growable,
+                "used_bytes": pool.allocator.used_blocks * bs,
+                "free_bytes": pool.allocator.free_count * bs,
+                "host_allocated_bytes": self.device.allocated_bytes(),
+                "generation": sb.generation,
+                "volumes": [
+                    {
+                        "name": v.name,
+                        "size_bytes": v.inode.size,
+                        "allocated_bytes": v.inode.owned_blocks * bs,
+                        "snapshots": sum(
+                            1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE
+                        ),
+                        "connections": self.connections.get(v.ino, 0),
+                    }
+                    for v in sorted(pool.volumes.values(), key=lambda v: v.ino)
+                ],
+                "snapshot_count": len(active),
+                "newest_snapshot": max(active, key=lambda r: r.id).name if active else None,
+                "pending_deletes": len(pool.pending_deletes()),
+                "role": ROLE_NAMES.get(sb.role, str(sb.role)),
+                "cow": self.cow,
+                "server_pid": sb.inuse_pid,
+                "time": time.time(),
+            }
+
+
+def _range_freed(vol: Volume, span: list[int]) -> int:
+    """Blocks freed by deleting the consecutive snapshots span (oldest first) of vol: all their
+    own blocks, except, per block, the oldest entry when the next older snapshot relies on it."""
+    owned = sum(vol.shadows[s].inode.owned_blocks for s in span)
+    older_id = vol.older_than(span[0])
+    if not older_id:
+        return owned
+    older = vol.shadows[older_id]
+    oldest: dict[int, int] = {}  # block -> kind of the oldest entry in the span
+    for s in span:
+        for b, e in vol.shadows[s].iter_entries():
+            oldest.setdefault(b, e.kind)
+    handed = sum(
+        1 for b, kind in oldest.items() if kind == KIND_ADDR and older.get(b) == EMPTY_ENTRY
+    )
+    return owned - handed

@@ -14,11 +14,12 @@ from collections.abc import Iterator
 from .layout import (
     BT_MAP_LEAF,
     EMPTY_ENTRY,
+    ENTRY_SIZE,
     KIND_ADDR,
     Entry,
     InodeRecord,
-    entry_is_empty,
     map_leaf_capacity,
+    nonzero_records,
     read_entry,
     write_entry,
 )
@@ -29,6 +30,7 @@ class BlockMap:
     def __init__(self, store: MetaStore, inode: InodeRecord, dirty: set[BlockMap]) -> None:
         self.inode = inode
         self.dirty_maps = dirty  # the transaction's set of maps to write at commit
+        self.version = 0  # bumped on every change: keys caches derived from the entries
         self.capacity = map_leaf_capacity(store.block_size)
         self.tree = RadixTree(
             store, inode.ino, BT_MAP_LEAF, self.capacity, inode.root, inode.height
@@ -49,10 +51,8 @@ class BlockMap:
         if mask is None:
             mask = 0
             if node.count:
-                buf = node.buf
-                for i in range(self.capacity):
-                    if not entry_is_empty(buf, i):
-                        mask |= 1 << i
+                for i in nonzero_records(node.buf, ENTRY_SIZE):
+                    mask |= 1 << i
             node.mask = mask
         return mask
 
@@ -96,6 +96,7 @@ class BlockMap:
         leaf_no, index = divmod(block, self.capacity)
         node = self.tree.leaf_for_write(leaf_no)
         self.dirty_maps.add(self)
+        self.version += 1
         old = read_entry(node.buf, index)
         write_entry(node.buf, index, e)
         was_empty = old == EMPTY_ENTRY
@@ -116,6 +117,7 @@ class BlockMap:
     def detach_leaf(self, leaf_no: int) -> Node | None:
         node = self.tree.detach_leaf(leaf_no)
         self.dirty_maps.add(self)
+        self.version += 1
         if node is not None:
             self._account_leaf(node, -1)
         return node
@@ -123,6 +125,7 @@ class BlockMap:
     def attach_leaf(self, leaf_no: int, node: Node) -> None:
         self.tree.attach_leaf(leaf_no, node)
         self.dirty_maps.add(self)
+        self.version += 1
         self._account_leaf(node, +1)
 
     def _account_leaf(self, node: Node, sign: int) -> None:

@@ -23,6 +23,7 @@ peer and last common snapshot, and an in-use record (host, PID) for multihost pr
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -318,6 +319,26 @@ def open_block(buf: bytes | bytearray, address: int, expect_type: int) -> BlockH
             tname,
         )
     return BlockHeader(btype, f[2], f[3], f[4], f[5], f[6], f[7], f[8])
+
+
+_NONZERO = re.compile(b"[^\x00]")
+
+
+def nonzero_records(buf: bytes | bytearray, record_size: int, first: int = 0) -> list[int]:
+    """Indices (from first) of the records after the header that hold any nonzero byte. One
+    C-level search per record found, so sparse blocks cost little."""
+    found: list[int] = []
+    search = _NONZERO.search
+    pos = HEADER_SIZE + first * record_size
+    while True:
+        m = search(buf, pos)
+        if m is None:
+            return found
+        i = (m.start() - HEADER_SIZE) // record_size
+        if HEADER_SIZE + (i + 1) * record_size > len(buf):
+            return found  # padding after the last whole record
+        found.append(i)
+        pos = HEADER_SIZE + (i + 1) * record_size
 
 
 def interior_fanout(block_size: int) -> int:

@@ -31,6 +31,7 @@ from .layout import (
     HEADER_SIZE,
     get_pointer,
     interior_fanout,
+    nonzero_records,
     open_block,
     seal_block,
     set_pointer,
@@ -230,11 +231,10 @@ class RadixTree:
                 yield from self._iter(child, level - 1, child_base, start)
 
     def _present_slots(self, node: Node, first: int) -> list[int]:
-        ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
-        slots = {i for i in range(first, self.fanout) if ptrs[i]}
-        if node.dirty:
-            slots.update(s for s in node.children if s >= first)
-        return sorted(slots)
+        slots = nonzero_records(node.buf, 8, first)
+        if node.dirty and node.children:
+            slots = sorted({*slots, *(s for s in node.children if s >= first)})
+        return slots
 
     # --- writing ------------------------------------------------------------------------------
 

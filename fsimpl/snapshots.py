@@ -94,12 +94,18 @@ def block_runs(blocks: list[int]) -> Iterator[tuple[int, int]]:
 
 def unique_blocks(vol: Volume, snap_id: int) -> int:
     """Data blocks that deleting snap_id alone would free on this volume: its own blocks that
-    the next older snapshot does not rely on."""
+    the next older snapshot does not rely on. Cached until either map changes."""
     shadow = vol.shadows[snap_id]
     older_id = vol.older_than(snap_id)
     if not older_id:
         return shadow.inode.owned_blocks
     older = vol.shadows[older_id]
-    return sum(
+    key = (shadow.version, older_id, older.version)
+    hit = vol.unique_cache.get(snap_id)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    n = sum(
         1 for b, e in shadow.iter_entries() if e.kind == KIND_ADDR and older.get(b) != EMPTY_ENTRY
     )
+    vol.unique_cache[snap_id] = (key, n)
+    return n

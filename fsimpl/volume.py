@@ -53,6 +53,8 @@ class Volume:
         self.live = live
         self.chain: list[int] = []  # ids of snapshots covering this volume, oldest first
         self.shadows: dict[int, BlockMap] = {}
+        # snapshot id -> ((its map version, older id, older map version), unique blocks)
+        self.unique_cache: dict[int, tuple[tuple[int, int, int], int]] = {}
 
     @property
     def name(self) -> str:
@@ -74,6 +76,7 @@ class Volume:
     def remove_shadow(self, snap_id: int) -> None:
         self.chain.remove(snap_id)
         del self.shadows[snap_id]
+        self.unique_cache.pop(snap_id, None)
 
     def older_than(self, snap_id: int) -> int:
         """The next older snapshot of this volume (0: none)."""

@@ -31,6 +31,10 @@ from .layout import (
 from .radix import MetaStore, RadixTree
 
 _NOT_FULL = re.compile(b"[^\xff]")
+_FULL = (
+    "the pool is full: delete snapshots ('snapctl delete') or trim unused space in the "
+    "volume to free blocks"
+)
 
 
 class Allocator:
@@ -112,34 +116,44 @@ class Allocator:
     def is_allocated(self, b: int) -> bool:
         return bool(self.state[b >> 3] >> (b & 7) & 1)
 
-    def allocate(self, for_data: bool = False) -> int:
-        """One free block. Data allocations leave room for metadata: the static `reserve`
-        (snapshot delete and rollback on a full pool) plus what committing the open transaction
-        will take, so a commit can always be written."""
-        if for_data and not self.growable and self.free_count <= self.reserve + self.commit_need():
-            raise NoSpace(
-                "the pool is full: delete snapshots ('snapctl delete') or trim unused space "
-                "in the volume to free blocks"
-            )
+    @property
+    def available(self) -> int:
+        """Blocks allocatable before the next commit (freed ones wait for it)."""
+        return self.free_count - len(self.pending)
+
+    def room_for_data(self, n: int, headroom: int) -> bool:
+        """May n data blocks be taken, when the request dirties up to headroom more metadata
+        nodes? Data leaves the static `reserve` (snapshot delete and rollback on a full pool)
+        plus what committing the open transaction will take, so a commit always fits."""
+        if self.growable:
+            return True
+        return self.available - n >= self.reserve + self.commit_need() + headroom
+
+    def tight(self) -> bool:
+        """The open transaction has eaten into the reserve: commit before it grows further."""
+        return not self.growable and self.available < self.reserve + self.commit_need()
+
+    def allocate(self) -> int:
+        """One free block (metadata, or data already admitted by room_for_data)."""
         b = self._find_free()
         if b < 0:
             if not self.growable:
-                raise NoSpace(
-                    "the pool is full: delete snapshots ('snapctl delete') or trim unused "
-                    "space in the volume to free blocks"
-                )
+                raise NoSpace(_FULL)
             self._grow(max(256, self.capacity // 4))
             b = self._find_free()
         self._set(b)
         self.cursor = b + 1
         return b
 
-    def allocate_many(self, n: int) -> list[int]:
-        """n data blocks, or none (NoSpace) if they are not all available."""
+    def allocate_many(self, n: int, headroom: int = 0) -> list[int]:
+        """n data blocks, or none (NoSpace) if they do not fit beside the room kept for
+        metadata (see room_for_data)."""
+        if not self.room_for_data(n, headroom):
+            raise NoSpace(_FULL)
         got: list[int] = []
         try:
             for _ in range(n):
-                got.append(self.allocate(for_data=True))
+                got.append(self.allocate())
         except BaseException:
             self.unallocate(got)
             raise

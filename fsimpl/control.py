@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import struct
 import threading
@@ -209,9 +210,9 @@ class ControlServer:
                         {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(err)},
                     )
                     return
-                self._handle(f, line)
+                self._handle(conn, f, line)
 
-    def _handle(self, f: Any, line: bytes) -> None:
+    def _handle(self, conn: socket.socket, f: Any, line: bytes) -> None:
         rid: Any = None
         try:
             try:
@@ -232,10 +233,14 @@ class ControlServer:
                 raise ProtocolError("'op' must be a string and 'args' an object")
 
             def progress(done: int, total: int) -> None:
-                _send(
-                    f,
-                    {"v": PROTOCOL_VERSION, "id": rid, "progress": {"done": done, "total": total}},
-                )
+                # dropped, not queued, when the client is not reading: never block the work
+                if select.select([], [conn], [], 0)[1]:
+                    msg = {
+                        "v": PROTOCOL_VERSION,
+                        "id": rid,
+                        "progress": {"done": done, "total": total},
+                    }
+                    _send(f, msg)
 
             result = dispatch(self.engine, op, args, progress)
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})

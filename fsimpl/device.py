@@ -100,7 +100,12 @@ class Device:
         want = len(view)
         got = 0
         while got < want:
-            n = os.preadv(self.fd, [view[got:]], offset + got)
+            try:
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise DittoError(
+                    f"read of {self.path} at offset {offset + got} failed: {e.strerror}"
+                ) from e
             if n == 0:  # past the end of an image file: never written, reads as zeros
                 if self.is_block_device:
                     raise DittoError(

@@ -11,6 +11,7 @@ after a crash by whoever opens the pool next.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -44,6 +45,8 @@ from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
 from .volume import COW_COPY, COW_MOVE, Volume
+
+log = logging.getLogger("dittofs")
 
 COMMIT_INTERVAL = 5.0
 STEP_SECONDS = 0.02
@@ -87,6 +90,8 @@ class Engine(SnapshotManagement):
         self.last_commit = time.monotonic()
         self.claimed_pid = 0
         self.connections: dict[int, int] = {}  # volume ino -> open connections to the volume
+        self.epoch = 0  # bumped whenever the pool is reloaded from disk
+        self.failed = False
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -204,22 +209,40 @@ class Engine(SnapshotManagement):
 
     # --- commit policy ------------------------------------------------------------------------
 
+    def _usable(self) -> None:
+        if self.failed:
+            raise DittoError(
+                "the pool could not be reloaded after a failed commit; nothing is served until "
+                "the server is restarted (then run 'snapctl check')"
+            )
+
     def _commit(self) -> bool:
+        self._usable()
         try:
             done = self.pool.commit()
-        except BaseException:
+        except BaseException as e:
             # The open transaction is unusable after a failed commit: fall back to what is
-            # durable, so nothing half-written is ever served.
+            # durable, so nothing half-written is ever served, and make every connection to a
+            # volume fail from now on (its unflushed writes are gone; it must know).
+            log.error("commit failed (%s); reverting to the last durable state", e)
             self._reload()
+            for vol in self.pool.volumes.values():
+                vol.inode.incarnation += 1
+                self.pool.touch_inode(vol.inode)
             raise
         self.last_commit = time.monotonic()
         return done
 
     def _reload(self) -> None:
         pid = self.pool.sb.inuse_pid
-        self.pool = Pool.open(self.device, self.cache_bytes)
+        try:
+            self.pool = Pool.open(self.device, self.cache_bytes)
+        except BaseException:
+            self.failed = True  # nothing trustworthy is in memory: refuse everything
+            raise
         self.pool.ctx.commit = self._commit
         self.pool.sb.inuse_pid = pid
+        self.epoch += 1
 
     def abort(self) -> None:
         """Drop every metadata change since the last commit. (Data written in place into blocks
@@ -227,8 +250,12 @@ class Engine(SnapshotManagement):
         with self.lock:
             self._reload()
 
-    def flush(self) -> None:
+    def flush(self, ex: Export | None = None) -> None:
+        """NBD FLUSH: everything written before it survives a crash. A connection whose writes
+        were lost to a failed commit gets an error here rather than a false success."""
         with self.lock:
+            if ex is not None:
+                self._volume_for(ex)
             self._make_durable()
 
     def _make_durable(self) -> None:
@@ -240,6 +267,7 @@ class Engine(SnapshotManagement):
         """Periodic work: commit a change older than COMMIT_INTERVAL, and take one step of a
         pending delete or rollback. Returns True while background work remains."""
         with self.lock:
+            self._usable()
             more = self._background_step()
             if self.pool.is_dirty and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
                 self._commit()
@@ -248,12 +276,14 @@ class Engine(SnapshotManagement):
     # --- exports ------------------------------------------------------------------------------
 
     def volume(self, name: str) -> Volume:
+        self._usable()
         for vol in self.pool.volumes.values():
             if vol.name == name:
                 return vol
         raise NotFound(f"no volume named '{name}' in this pool")
 
     def snapshot(self, name: str) -> SnapshotRecord:
+        self._usable()
         check_name(name)
         for rec in self.pool.snapshots.values():
             if rec.name == name and rec.state == SNAP_ACTIVE:
@@ -333,6 +363,7 @@ class Engine(SnapshotManagement):
                 ex.client = False
 
     def _volume_for(self, ex: Export) -> Volume:
+        self._usable()
         vol = self.pool.volumes.get(ex.volume_ino)
         if vol is None:
             raise ExportGone(f"export {ex.name}: its volume was deleted; reconnect")
@@ -407,31 +438,44 @@ class Engine(SnapshotManagement):
             vol = self._writable(ex)
             self._range(ex, offset, length)
             bs = self.pool.block_size
-            first = -(-offset // bs)
-            end = (offset + length) // bs
-            if end > first:
-                vol.deallocate(self.pool.ctx, first, end - first)
+            self._deallocate(vol, -(-offset // bs), (offset + length) // bs)
             if fua:
                 self._make_durable()
 
-    def zero(self, ex: Export, offset: int, length: int, fua: bool = False) -> None:
-        """Whole blocks become unallocated; partial blocks get zeros written, unless they are
-        unallocated already."""
+    def _deallocate(self, vol: Volume, first: int, end: int) -> None:
+        """Blocks [first, end) become unallocated, in chunks of one map leaf, committing
+        whenever the transaction grows into the reserve (a commit must always fit)."""
+        chunk = vol.live.capacity
+        for start in range(first, end, chunk):
+            vol.deallocate(self.pool.ctx, start, min(chunk, end - start))
+            self._keep_commit_room()
+
+    def zero(
+        self, ex: Export, offset: int, length: int, fua: bool = False, may_trim: bool = True
+    ) -> None:
+        """Make the range read zeros: whole blocks are deallocated when the client allows
+        (may_trim), else written; partial blocks get zeros unless unallocated already."""
         with self.lock:
             vol = self._writable(ex)
             self._range(ex, offset, length)
             bs = self.pool.block_size
             first = -(-offset // bs)
             end = (offset + length) // bs
-            if end > first:
-                vol.deallocate(self.pool.ctx, first, end - first)
+            if end > first and may_trim:
+                self._deallocate(vol, first, end)
             pos, stop = offset, offset + length
             while pos < stop:
                 block = pos // bs
                 n = min((block + 1) * bs, stop) - pos
-                if n < bs and vol.live.get(block).kind == KIND_ADDR:
-                    vol.write(self.pool.ctx, memoryview(bytes(n)), pos, self.cow)
-                pos += n if n < bs else (end - block) * bs
+                if n == bs and may_trim:
+                    pos = end * bs  # the whole blocks were deallocated above
+                    continue
+                if n < bs and vol.live.get(block).kind != KIND_ADDR:
+                    pos += n  # unallocated already reads zeros
+                    continue
+                n = min(stop - pos, 64 * bs) if n == bs else n
+                vol.write(self.pool.ctx, memoryview(bytes(n)), pos, self.cow)
+                pos += n
             if fua:
                 self._make_durable()
 
@@ -446,43 +490,67 @@ class Engine(SnapshotManagement):
 
     # --- background work ---------------------------------------------------------------------
 
-    def _run_steps(self, busy: Callable[[], bool], total: int, progress: Progress | None) -> None:
-        """Run background steps until busy() turns false, releasing the lock between steps."""
+    def _run_steps(
+        self, busy: Callable[[], bool], progress: Progress | None, left: Callable[[], int]
+    ) -> None:
+        """Run background steps until busy() turns false, releasing the lock between steps.
+        busy and left are re-evaluated under the lock against the current pool (it may have
+        been reloaded); progress is reported outside the lock, so a slow reader of it never
+        stalls requests."""
+        total = -1
         while True:
             with self.lock:
                 if not busy():
                     break
                 if not self._background_step() and busy():
                     break  # nothing left that could end the wait: the caller re-checks
-                if progress:
-                    left = sum(
-                        sh.inode.entry_count
-                        for sid in self.pool.pending_deletes()
-                        for v in self.pool.covering(sid)
-                        for sh in [v.shadows[sid]]
-                    )
-                    progress(max(0, total - left), total)
+                remaining = left() if progress else 0
+            if progress:
+                total = max(total, remaining)
+                progress(total - remaining, total)
             time.sleep(0)  # let request threads take the lock
 
-    def _background_step(self) -> bool:
-        """One bounded step of pending rollbacks, then deletes. Caller holds the lock."""
+    def _step_budget(self) -> Callable[[], bool]:
+        """When a background step must stop: after STEP_SECONDS, or once it has dirtied as much
+        metadata as a commit on a full pool is sure to find room for."""
         pool = self.pool
         deadline = time.monotonic() + STEP_SECONDS
+        start = pool.store.dirty_nodes
+        limit = max(8, pool.allocator.reserve // 2) if not pool.sb.growable else 1 << 30
+
+        def stop() -> bool:
+            return time.monotonic() >= deadline or pool.store.dirty_nodes - start >= limit
+
+        return stop
+
+    def _background_step(self) -> bool:
+        """One bounded step: pending deletes first (a rollback waits for the newer snapshots
+        it destroys), then rollbacks. Caller holds the lock. True while work remains."""
+        pool = self.pool
+        stop = self._step_budget()
+        pending = pool.pending_deletes()
+        if pending:
+            sid = pending[0]
+            done = all(snapops.delete_step(pool.ctx, v, sid, stop) for v in pool.covering(sid))
+            if done:
+                pool.finish_delete(sid)
+            self._keep_commit_room()
+            return True
         for vol in pool.volumes.values():
             if vol.inode.op == OP_ROLLBACK:
                 sid = vol.inode.op_target
-                if snapops.rollback_step(pool.ctx, vol, sid, deadline):
+                if snapops.rollback_step(pool.ctx, vol, sid, stop):
                     pool.finish_rollback(vol, sid)
                     self._commit()
+                self._keep_commit_room()
                 return True
-        pending = pool.pending_deletes()
-        if not pending:
-            return False
-        sid = pending[0]
-        done = all(snapops.delete_step(pool.ctx, vol, sid, deadline) for vol in pool.covering(sid))
-        if done:
-            pool.finish_delete(sid)
-        return len(pending) > 1 or not done
+        return False
+
+    def _keep_commit_room(self) -> None:
+        """Commit now if the open transaction has eaten into the reserve: a commit must always
+        fit in what is left."""
+        if self.pool.allocator.tight():
+            self._commit()
 
 
 def _describe_snapshot(rec: SnapshotRecord, vol: Volume) -> str:

@@ -74,7 +74,7 @@ class SnapshotManagement:
 
         def _commit(self) -> bool: ...
         def _run_steps(
-            self, busy: Callable[[], bool], total: int, progress: Progress | None
+            self, busy: Callable[[], bool], progress: Progress | None, left: Callable[[], int]
         ) -> None: ...
         def volume(self, name: str) -> Volume: ...
         def snapshot(self, name: str) -> SnapshotRecord: ...
@@ -140,6 +140,11 @@ class SnapshotManagement:
     # --- delete and prune ---------------------------------------------------------------------
 
     def _deletable(self, rec: SnapshotRecord) -> None:
+        for vol in self.pool.volumes.values():
+            if vol.inode.op == OP_ROLLBACK and vol.inode.op_target == rec.id:
+                raise Refused(
+                    f"volume {vol.name} is being rolled back to '{rec.name}'; wait for it"
+                )
         if rec.holds:
             raise Refused(
                 f"snapshot '{rec.name}' is held ({', '.join(rec.holds)}); release the holds "
@@ -160,10 +165,14 @@ class SnapshotManagement:
                     snapops.unique_blocks(v, rec.id) for v in self.pool.covering(rec.id)
                 )
             before = self.pool.allocator.free_count
-            total = sum(v.shadows[rec.id].inode.entry_count for v in self.pool.covering(rec.id))
             self.pool.mark_deleting(rec)
             self._commit()
-        self._run_steps(lambda: rec.id in self.pool.snapshots, total, progress)
+        sid = rec.id
+        self._run_steps(
+            lambda: sid in self.pool.snapshots,
+            progress,
+            lambda: sum(v.shadows[sid].inode.entry_count for v in self.pool.covering(sid)),
+        )
         with self.lock:
             self._commit()
             return max(0, self.pool.allocator.free_count - before) * bs
@@ -213,6 +222,8 @@ class SnapshotManagement:
             vol = self.volume(volume)
             if rec.id not in vol.shadows:
                 raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
+            if vol.inode.op != OP_NONE:
+                raise Refused(f"volume {vol.name} is already being rolled back; wait for it")
             newer = [
                 self.pool.snapshots[s]
                 for s in vol.chain
@@ -235,22 +246,28 @@ class SnapshotManagement:
                     f"volume {vol.name} has {clients} client connection(s); disconnect them "
                     "first, or add --force (their requests then fail until they reconnect)"
                 )
+            # One transaction marks the newer snapshots for deletion and the volume for
+            # rollback: from here on it completes even across a crash, nothing can be created
+            # on the volume meanwhile, and live reads through the target (engine._view).
             for r in newer:
                 self.pool.mark_deleting(r)
-            if newer:
-                self._commit()
-        # newer snapshots still being reclaimed sit between the target and live: finish them
-        self._run_steps(lambda: vol.chain[-1] != rec.id, 0, progress)
-        with self.lock:
-            if rec.id not in self.pool.snapshots or vol.chain[-1] != rec.id:
-                raise Refused(f"snapshots changed during the rollback to '{name}'; run it again")
-            total = vol.shadows[rec.id].inode.entry_count
             vol.inode.op = OP_ROLLBACK
             vol.inode.op_target = rec.id
             vol.inode.incarnation += 1
             self.pool.touch_inode(vol.inode)
             self._commit()
-        self._run_steps(lambda: vol.inode.op == OP_ROLLBACK, total, progress)
+            ino, sid = vol.ino, rec.id
+
+        def busy() -> bool:
+            v = self.pool.volumes.get(ino)
+            return v is not None and v.inode.op == OP_ROLLBACK and v.inode.op_target == sid
+
+        def left() -> int:
+            v = self.pool.volumes[ino]
+            newer_left = sum(v.shadows[s].inode.entry_count for s in v.chain if s > sid)
+            return newer_left + v.shadows[sid].inode.entry_count
+
+        self._run_steps(busy, progress, left)
         with self.lock:
             self._commit()
         return [r.name for r in newer]

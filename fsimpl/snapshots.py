@@ -2,7 +2,8 @@
 
 Every operation here costs in proportion to the entries of the snapshots it touches, never to the
 volume's size, and the long ones (delete, rollback) work leaf by leaf up to a deadline so the
-engine lock is never held long; the state between two steps is consistent and committable:
+engine lock is never held long (nor the open transaction grown past what a commit can hold);
+the state between two steps is consistent and committable:
 
 * delete S: for each entry of S at block b, the next older snapshot P relied on it exactly when
   P holds DITTO at b; then the entry moves to P, otherwise its block is freed. A leaf of S where P
@@ -15,16 +16,15 @@ engine lock is never held long; the state between two steps is consistent and co
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_NONE, Entry
 from .volume import DataContext, Volume
 
 
-def delete_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) -> bool:
+def delete_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], bool]) -> bool:
     """Push snapshot snap_id's entries down to the next older snapshot or free their blocks,
-    until done (returns True: the shadow map is empty) or past the deadline."""
+    leaf by leaf, until done (returns True: the shadow map is empty) or stop() says enough."""
     shadow = vol.shadows[snap_id]
     older_id = vol.older_than(snap_id)
     older = vol.shadows[older_id] if older_id else None
@@ -41,12 +41,12 @@ def delete_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) ->
                 elif e.kind == KIND_ADDR:
                     ctx.allocator.free(e.addr)
             shadow.detach_leaf(leaf_no)  # emptied: dropped, its old address freed
-        if time.monotonic() >= deadline:
+        if stop():
             return shadow.is_empty()
     return True
 
 
-def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) -> bool:
+def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], bool]) -> bool:
     """Move snapshot snap_id's entries back into live, freeing the blocks they replace. Returns
     True when done (the snapshot is empty and live reads exactly what it held)."""
     shadow = vol.shadows[snap_id]
@@ -64,7 +64,7 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, deadline: float) 
             else:
                 live.set(b, Entry(KIND_NONE, 0, e.birth))
         shadow.detach_leaf(leaf_no)
-        if time.monotonic() >= deadline:
+        if stop():
             return shadow.is_empty()
     return True
 

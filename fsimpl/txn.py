@@ -19,6 +19,7 @@ from __future__ import annotations
 import socket
 import time
 import uuid
+from dataclasses import replace
 
 from .allocator import Allocator
 from .blockmap import BlockMap
@@ -28,6 +29,7 @@ from .layout import (
     INODE_SHADOW,
     INODE_VOLUME,
     OP_NONE,
+    RESERVED_BYTES,
     SNAP_ACTIVE,
     SNAP_DELETING,
     SUPERBLOCK_OFFSETS,
@@ -46,6 +48,12 @@ from .volume import DataContext, Volume
 
 DEFAULT_CACHE_BYTES = 64 << 20
 IMAGE_INITIAL_BLOCKS = 64
+
+
+def _reserve(capacity: int) -> int:
+    """Blocks kept for metadata on a full pool (ZFS keeps a "slop" for the same reason): enough
+    for snapshot delete and rollback to run and for a commit to fit after any bounded step."""
+    return max(16, min(capacity // 8, max(64, capacity // 256)))
 
 
 def read_superblock(device: Device) -> Superblock:
@@ -144,8 +152,12 @@ class Pool:
             pool_guid=uuid.uuid4().bytes,
             created_ns=time.time_ns(),
             growable=growable,
-            reserve_blocks=0 if growable else max(8, capacity // 512),
+            reserve_blocks=0 if growable else _reserve(capacity),
         )
+        # Both slots are wiped first: a power cut during a re-format must not bring back the
+        # pool that was there, whose blocks the new one is about to overwrite.
+        device.pwrite(bytes(RESERVED_BYTES), 0)
+        device.sync()
         pool = cls(device, sb, cache_bytes)
         pool.allocator.format()
         if growable:
@@ -318,20 +330,28 @@ class Pool:
         self.snaptab.commit()
         self.allocator.commit()
 
-        sb = self.sb
-        sb.generation += 1
-        sb.inode_root, sb.inode_height = self.inodes.root, self.inodes.height
-        sb.snap_root, sb.snap_height = self.snaptab.root, self.snaptab.height
-        sb.bitmap_root = self.allocator.tree.root_addr
-        sb.bitmap_height = self.allocator.tree.height
-        sb.used_blocks = self.allocator.used_blocks
-        if self.allocator.grown:
-            sb.capacity_blocks = self.allocator.capacity
+        # The new superblock is built aside: the in-memory one changes only once the new one
+        # is durable, so a failed commit never skips a generation into the slot of the last
+        # good superblock.
+        sb = replace(
+            self.sb,
+            generation=self.sb.generation + 1,
+            inode_root=self.inodes.root,
+            inode_height=self.inodes.height,
+            snap_root=self.snaptab.root,
+            snap_height=self.snaptab.height,
+            bitmap_root=self.allocator.tree.root_addr,
+            bitmap_height=self.allocator.tree.height,
+            used_blocks=self.allocator.used_blocks,
+            capacity_blocks=self.allocator.capacity,
+        )
+        if sb.capacity_blocks != self.sb.capacity_blocks:
             self.device.truncate(sb.capacity_blocks * self.block_size)
-            self.allocator.grown = False
         self.device.sync()
         self.device.pwrite(pack_superblock(sb), SUPERBLOCK_OFFSETS[sb.generation % 2])
         self.device.sync()
+        self.sb = sb
+        self.allocator.grown = False
 
         self.store.generation = sb.generation + 1
         self.store.dirty_nodes = 0

@@ -164,6 +164,15 @@ class Volume:
 
     # --- writes -------------------------------------------------------------------------------
 
+    def _headroom(self, first: int, last: int) -> int:
+        """Metadata nodes a change of blocks [first, last] may dirty: the leaves it spans in
+        live and in the latest snapshot, with their paths (one more level if a tree grows)."""
+        cap = self.live.capacity
+        leaves = last // cap - first // cap + 1
+        latest = self.shadows.get(self.inode.snap_id)
+        height = max(self.live.tree.height, latest.tree.height if latest else 0)
+        return 2 * leaves * (height + 2)
+
     def write(self, ctx: DataContext, data: memoryview, offset: int, cow: str) -> None:
         """Write data at offset. The blocks it needs are allocated first and written before any
         map changes, so a failed write leaves the maps (and every other byte) as they were."""
@@ -177,7 +186,7 @@ class Volume:
         moves = sum(
             1 for e in entries if e.kind != KIND_ADDR or (latest != 0 and e.birth <= latest)
         )
-        fresh = ctx.allocator.allocate_many(moves)
+        fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
         remap: list[tuple[int, Entry, int]] = []  # (block, old entry, new address)
         try:
@@ -224,7 +233,7 @@ class Volume:
         if not shared:
             return
         to_copy = [(b, e) for b, e in shared if e.kind == KIND_ADDR]
-        copies = ctx.allocator.allocate_many(len(to_copy))
+        copies = ctx.allocator.allocate_many(len(to_copy), self._headroom(first, last))
         try:
             for (_, e), copy in zip(to_copy, copies, strict=True):
                 ctx.device.pwrite(ctx.device.pread(bs, e.addr * bs), copy * bs)

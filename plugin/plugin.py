@@ -2,6 +2,7 @@
 
     nbdkit python plugin/plugin.py disk=PATH [size=SIZE] [control=SOCKET] [cow=move|copy]
                                    [block-size=SIZE] [cache=SIZE] [threads=parallel|serialize]
+                                   [nbd=ENDPOINT]
 
 Exports: `live` (default, read-write), `live@NAME` (read-only snapshot), `live@latest` (the newest
 snapshot when the client connects). Engine errors become errno values for the client (EPERM for
@@ -34,7 +35,7 @@ from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
 API_VERSION = 2
 
 _config: dict[str, str] = {}
-_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads")
+_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads", "nbd")
 _engine: Engine | None = None
 _control: ControlServer | None = None
 _stop = threading.Event()
@@ -102,10 +103,10 @@ def after_fork() -> None:
     path = _config.get("control") or rundir.default_control_path(disk)
     _control = ControlServer(_engine, path, _log)
     _control.start()
-    rundir.write_state(
-        disk,
-        {"pid": os.getpid(), "disk": os.path.realpath(disk), "control": os.path.abspath(path)},
-    )
+    state = {"pid": os.getpid(), "disk": os.path.realpath(disk), "control": os.path.abspath(path)}
+    if "nbd" in _config:  # where clients reach the exports (informational: snapctl serve sets it)
+        state["nbd"] = _config["nbd"]
+    rundir.write_state(disk, state)
     _ticker = threading.Thread(target=_tick_loop, name="dittofs-ticker", daemon=True)
     _ticker.start()
 
@@ -115,7 +116,7 @@ def _tick_loop() -> None:
     while not _stop.is_set():
         try:
             more = _engine.tick() if _engine else False
-        except DittoError as e:
+        except Exception as e:  # noqa: BLE001 - the ticker must outlive any one failure
             _log(f"background work failed: {e}")
             more = False
         _stop.wait(0.001 if more else 1.0)
@@ -226,7 +227,7 @@ def pwrite(h: Export, buf: bytes, offset: int, flags: int) -> None:
 
 def flush(h: Export, flags: int) -> None:
     try:
-        _engine.flush()  # type: ignore[union-attr]
+        _engine.flush(h)  # type: ignore[union-attr]
     except DittoError as e:
         _fail(e)
 
@@ -240,7 +241,13 @@ def trim(h: Export, count: int, offset: int, flags: int) -> None:
 
 def zero(h: Export, count: int, offset: int, flags: int) -> None:
     try:
-        _engine.zero(h, offset, count, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
+        _engine.zero(  # type: ignore[union-attr]
+            h,
+            offset,
+            count,
+            fua=bool(flags & nbdkit.FLAG_FUA),
+            may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
+        )
     except DittoError as e:
         _fail(e)
 

@@ -159,7 +159,7 @@ def test_non_growable_pool_raises_nospace_when_full(tmp_path: Path) -> None:
     data = []
     with pytest.raises(NoSpace):
         for _ in range(100):
-            data.append(a.allocate(for_data=True))
+            data.extend(a.allocate_many(1))
     # data allocations stop with `reserve` blocks left, for metadata
     assert len(data) == 40 - FIRST - 8
     assert a.free_count == 8
@@ -181,7 +181,7 @@ def test_non_growable_pool_raises_nospace_when_full(tmp_path: Path) -> None:
 def test_growable_allocator_grows_capacity(tmp_path: Path) -> None:
     r = Rig(tmp_path / "grow.img", 40, growable=True)
     a = r.alloc
-    got = [a.allocate(for_data=True) for _ in range(500)]
+    got = a.allocate_many(500)
     assert len(set(got)) == 500
     assert a.capacity >= 500 + FIRST
     assert a.grown

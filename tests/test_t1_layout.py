@@ -12,7 +12,13 @@ import pytest
 from fsimpl import layout as L
 from fsimpl.device import Device
 from fsimpl.engine import Engine
-from fsimpl.errors import CorruptMetadata, NotAPool, PoolTruncated, UnsupportedFormat
+from fsimpl.errors import (
+    CorruptMetadata,
+    ExportGone,
+    NotAPool,
+    PoolTruncated,
+    UnsupportedFormat,
+)
 from fsimpl.txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
 
 BS = 4096
@@ -609,6 +615,13 @@ def test_torn_superblock_write_opens_at_previous_generation(tmp_path: Path) -> N
     assert dev.torn == 1
     # the engine fell back to what is durable
     assert eng.pool.sb.generation == gen_a
+    # the connection that wrote the lost changes is told so on every request...
+    with pytest.raises(ExportGone):
+        read_bytes(eng, ex, 0, 2 * BS)
+    with pytest.raises(ExportGone):
+        eng.flush(ex)
+    # ...and a new one sees the durable state
+    ex = eng.open_export("live", False)
     assert read_bytes(eng, ex, 0, 2 * BS) == a
     assert read_bytes(eng, ex, 40 * BS, 4 * BS) == bytes(4 * BS)
     dev.close()

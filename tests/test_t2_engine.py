@@ -563,7 +563,9 @@ def test_trim_returns_space_without_snapshots(tmp_path: Path) -> None:
     assert len(data0) - len(data1) == 8
     assert eng.pool.allocator.used_blocks == used0 - 8 - len(meta0) + len(meta1)
     assert eng.volume("live").live.inode.owned_blocks == 24
-    assert eng.device.allocated_bytes() <= host0 - 8 * BS  # punched out of the image
+    # the 8 data blocks are punched out of the image (the commit's new metadata copies may
+    # land in fresh host blocks, so allow for those)
+    assert eng.device.allocated_bytes() <= host0 - 8 * BS + len(meta1) * BS
     runs = eng.extents(ex, 0, 32 * BS)
     assert runs == [(0, 8 * BS, False), (8 * BS, 8 * BS, True), (16 * BS, 16 * BS, False)]
     eng.close()

@@ -376,8 +376,8 @@ class Engine(SnapshotManagement):
                 )
         elif vol.inode.incarnation != ex.incarnation:
             raise ExportGone(
-                f"export {ex.name}: the volume was rolled back since this connection opened; "
-                "reconnect to see it"
+                f"export {ex.name}: the volume changed under this connection (a rollback, or "
+                "a failed commit that reverted unflushed writes); reconnect to see it"
             )
         return vol
 

@@ -98,9 +98,7 @@ class Renderer:
             [s["name"], self.size(s["used_bytes"]), self.size(s["owned_bytes"])]
             for s in r["snapshots"]
         ]
-        cells.append(
-            [f"{r['volume']} (live)", self.size(r["live_bytes"]), self.size(r["live_bytes"])]
-        )
+        cells.append([f"<{r['volume']}>", self.size(r["live_bytes"]), self.size(r["live_bytes"])])
         self.rows(["NAME", "USED", "OWNED"], cells)
         click.echo(f"snapshots hold {self.size(r['snapshots_bytes'])} in all")
         rng = r.get("range")

@@ -153,31 +153,29 @@ def list_cmd(
 def delete(
     obj: Context, names: tuple[str, ...], dry_run: bool, if_exists: bool, as_json: bool
 ) -> None:
-    """Delete snapshots; their blocks go to the next older snapshot or become free."""
+    """Delete snapshots; their blocks go to the next older snapshot or become free.
+
+    All or nothing: every name is checked before anything is deleted. Sizes are the data each
+    delete frees, in the order given.
+    """
 
     def body() -> None:
-        results = []
-        with obj.client() as c:
-            for name in names:
-                try:
-                    with Renderer().progress(f"deleting {name}") as advance:
-                        r = c.call("delete", {"name": name, "dry_run": dry_run}, advance)
-                except NotFound:
-                    if not if_exists:
-                        raise
-                    results.append({"name": name, "deleted": False, "freed_bytes": 0})
-                    if not as_json:
-                        click.echo(f"{name}: no such snapshot (skipped)")
-                    continue
-                results.append(
-                    {"name": name, "deleted": not dry_run, "freed_bytes": r["freed_bytes"]}
-                )
-                if not as_json:
-                    verb = "would delete" if dry_run else "deleted"
-                    free = "free" if dry_run else "freed"
-                    click.echo(f"{verb} {name}, {free} {human_size(r['freed_bytes'])}")
+        args = {"names": list(names), "dry_run": dry_run, "if_exists": if_exists}
+        with obj.client() as c, Renderer().progress("deleting") as advance:
+            r = c.call("delete", args, advance)
         if as_json:
-            click.echo(json.dumps(results))
+            click.echo(json.dumps(r["results"]))
+            return
+        for res in r["results"]:
+            if res["missing"]:
+                click.echo(f"{res['name']}: no such snapshot (skipped)")
+                continue
+            verb, free = ("would delete", "free") if dry_run else ("deleted", "freed")
+            click.echo(f"{verb} {res['name']}, {free} {human_size(res['freed_bytes'])}")
+        if len(r["results"]) > 1:
+            click.echo(
+                f"{'would free' if dry_run else 'freed'} {human_size(r['freed_bytes'])} in all"
+            )
 
     run(body)
 

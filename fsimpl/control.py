@@ -88,9 +88,18 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
         ):
             raise InvalidArgument("argument 'volumes' must be a list of volume names")
         return snapshot_json(engine.create_snapshot(_name(args), vols))
-    if op == "delete":
-        freed = engine.delete_snapshot(_name(args), progress, _flag(args, "dry_run"))
-        return {"freed_bytes": freed}
+    if op == "delete":  # {"name": N} or {"names": [N, ...]}: all or none
+        names = args.get("names")
+        if names is None:
+            names = [_name(args)]
+        elif not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise InvalidArgument("argument 'names' must be a list of snapshot names")
+        results = engine.delete_snapshots(
+            names, progress, _flag(args, "dry_run"), _flag(args, "if_exists")
+        )
+        return {"results": results, "freed_bytes": sum(r["freed_bytes"] for r in results)}
+    if op == "check":
+        return engine.check_committed()
     if op == "rename":
         engine.rename_snapshot(_name(args, "old"), _name(args, "new"))
         return {}

@@ -57,7 +57,10 @@ class Device:
         self.path = path
         self.readonly = readonly
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
-        self.fd = os.open(path, flags)
+        try:
+            self.fd = os.open(path, flags)
+        except IsADirectoryError:
+            raise DittoError(f"{path} is a directory, not a disk or image file") from None
         st = os.fstat(self.fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         if not (self.is_block_device or stat.S_ISREG(st.st_mode)):

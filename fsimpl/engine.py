@@ -17,9 +17,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from . import snapshots as snapops
+from .checker import check
 from .device import Device
 from .errors import (
     DittoError,
@@ -39,6 +40,7 @@ from .layout import (
     OP_ROLLBACK,
     SNAP_ACTIVE,
     SnapshotRecord,
+    check_block_size,
 )
 from .management import Progress, SnapshotManagement
 from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
@@ -110,7 +112,16 @@ class Engine(SnapshotManagement):
         if create_size is not None and not os.path.exists(path):
             if create_size <= 0:
                 raise InvalidArgument(f"size={create_size}: the live volume needs a size > 0")
-            device = Device.create_image(path)
+            try:
+                check_block_size(block_size)
+            except ValueError as e:
+                raise InvalidArgument(f"block-size={block_size}: {e}") from None
+            try:
+                device = Device.create_image(path)
+            except FileNotFoundError:
+                raise NotFound(f"cannot create {path}: its directory does not exist") from None
+            except OSError as e:
+                raise DittoError(f"cannot create {path}: {e.strerror}") from None
             try:
                 device.lock()
                 pool = Pool.format(device, block_size, create_size, True, cache_bytes)
@@ -151,15 +162,21 @@ class Engine(SnapshotManagement):
         a file system, a partition table or a pool unless force."""
         if size is not None and size <= 0:
             raise InvalidArgument(f"size {size}: the live volume needs a size > 0")
+        try:
+            check_block_size(block_size)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
         created = not os.path.exists(path)
-        if created:
-            if size is None:
-                raise InvalidArgument(
-                    f"{path} does not exist: give --size to create an image file there"
-                )
-            device = Device.create_image(path)
-        else:
-            device = Device(path)
+        if created and size is None:
+            raise InvalidArgument(
+                f"{path} does not exist: give --size to create an image file there"
+            )
+        try:
+            device = Device.create_image(path) if created else Device(path)
+        except FileNotFoundError:
+            raise NotFound(f"cannot create {path}: its directory does not exist") from None
+        except OSError as e:
+            raise DittoError(f"cannot open {path}: {e.strerror}") from None
         try:
             _lock(device)
             found = None if created else detect_signature(device)
@@ -487,6 +504,20 @@ class Engine(SnapshotManagement):
             bs = self.pool.block_size
             length = min(length, EXTENTS_MAX_BLOCKS * bs - offset % bs)
             return vol.extents(self._view(vol, ex), offset, length, bs)
+
+    # --- checking ---------------------------------------------------------------------------
+
+    def check_committed(self) -> dict[str, object]:
+        """Commit, then verify the committed state on disk (checker.py), under the lock."""
+        with self.lock:
+            self._commit()
+            report = check(self.device)
+            return {
+                "clean": report.clean,
+                "fatal": len(report.fatal),
+                "defects": [asdict(d) for d in report.defects],
+                "stats": report.stats,
+            }
 
     # --- background work ---------------------------------------------------------------------
 

@@ -18,15 +18,14 @@ from . import retention
 from . import snapshots as snapops
 from .errors import InvalidArgument, InvalidName, NameTaken, NotFound, Refused
 from .layout import (
-    EMPTY_ENTRY,
     FORMAT_VERSION,
     HOLD_TAG_MAX,
-    KIND_ADDR,
     MAX_HOLDS,
     OP_NONE,
     OP_ROLLBACK,
     ROLE_NAMES,
     SNAP_ACTIVE,
+    SNAP_DELETING,
     SnapshotRecord,
 )
 from .names import DEFAULT_VOLUME, check_name
@@ -151,31 +150,84 @@ class SnapshotManagement:
                 f"with 'snapctl release {rec.name} --tag TAG' first"
             )
 
-    def delete_snapshot(
-        self, name: str, progress: Progress | None = None, dry_run: bool = False
-    ) -> int:
-        """Delete a snapshot; returns the bytes freed (with dry_run: that would be freed).
-        Readers of it get ExportGone from the moment it is marked."""
+    def delete_snapshots(
+        self,
+        names: list[str],
+        progress: Progress | None = None,
+        dry_run: bool = False,
+        if_exists: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Delete snapshots, all or none: every name is checked (exists, not held, not a
+        rollback target) before anything changes. Each result says the data bytes its delete
+        frees, in the order given (a later one may free blocks only an earlier one relied on).
+        Readers of a deleted snapshot get ExportGone from the moment it is marked."""
         with self.lock:
-            rec = self.snapshot(name)
-            self._deletable(rec)
-            bs = self.pool.block_size
-            if dry_run:
-                return bs * sum(
-                    snapops.unique_blocks(v, rec.id) for v in self.pool.covering(rec.id)
-                )
-            before = self.pool.allocator.free_count
-            self.pool.mark_deleting(rec)
+            by_name: dict[str, dict[str, Any]] = {}
+            recs: list[SnapshotRecord] = []
+            for name in dict.fromkeys(names):
+                try:
+                    rec = self.snapshot(name)
+                except NotFound:
+                    if not if_exists:
+                        raise
+                    by_name[name] = {
+                        "name": name,
+                        "missing": True,
+                        "deleted": False,
+                        "freed_bytes": 0,
+                    }
+                    continue
+                self._deletable(rec)
+                recs.append(rec)
+            freed = self._freed_in_order([r.id for r in recs])
+            for rec, n in zip(recs, freed, strict=True):
+                by_name[rec.name] = {
+                    "name": rec.name,
+                    "missing": False,
+                    "deleted": not dry_run,
+                    "freed_bytes": n * self.pool.block_size,
+                }
+            results = [by_name[n] for n in dict.fromkeys(names)]
+            if dry_run or not recs:
+                return results
+            for rec in recs:
+                self.pool.mark_deleting(rec)
             self._commit()
-        sid = rec.id
+        ids = [r.id for r in recs]
         self._run_steps(
-            lambda: sid in self.pool.snapshots,
+            lambda: any(s in self.pool.snapshots for s in ids),
             progress,
-            lambda: sum(v.shadows[sid].inode.entry_count for v in self.pool.covering(sid)),
+            lambda: sum(
+                v.shadows[s].inode.entry_count
+                for s in ids
+                if s in self.pool.snapshots
+                for v in self.pool.covering(s)
+            ),
         )
         with self.lock:
             self._commit()
-            return max(0, self.pool.allocator.free_count - before) * bs
+        return results
+
+    def delete_snapshot(
+        self, name: str, progress: Progress | None = None, dry_run: bool = False
+    ) -> int:
+        """Delete one snapshot; returns the data bytes freed (dry_run: that would be)."""
+        result = self.delete_snapshots([name], progress, dry_run)
+        return int(result[0]["freed_bytes"])
+
+    def _freed_in_order(self, ids: list[int]) -> list[int]:
+        """Blocks each delete in turn frees, given the snapshots already being deleted."""
+        out = [0] * len(ids)
+        for vol in self.pool.volumes.values():
+            gone = {s for s in vol.chain if self.pool.snapshots[s].state == SNAP_DELETING}
+            before = snapops.freed_by_deleting(vol, gone)
+            for i, sid in enumerate(ids):
+                if sid in vol.shadows:
+                    gone.add(sid)
+                    after = snapops.freed_by_deleting(vol, gone)
+                    out[i] += after - before
+                    before = after
+        return out
 
     def prune(
         self,
@@ -195,12 +247,19 @@ class SnapshotManagement:
                 if r.state == SNAP_ACTIVE
             ]
             verdicts = retention.plan(candidates, keep_last, keep_hourly, keep_daily, prefix)
-        out = []
-        for v in verdicts:
-            freed = 0
-            if not v.keep:
-                freed = self.delete_snapshot(v.name, dry_run=dry_run)
-            out.append({"name": v.name, "keep": v.keep, "reasons": v.reasons, "freed_bytes": freed})
+        doomed = [v.name for v in verdicts if not v.keep]
+        freed = {
+            r["name"]: r["freed_bytes"] for r in self.delete_snapshots(doomed, dry_run=dry_run)
+        }
+        out = [
+            {
+                "name": v.name,
+                "keep": v.keep,
+                "reasons": v.reasons,
+                "freed_bytes": freed.get(v.name, 0),
+            }
+            for v in verdicts
+        ]
         return out
 
     # --- rollback -----------------------------------------------------------------------------
@@ -286,8 +345,10 @@ class SnapshotManagement:
             for r in (a, b):
                 if r is not None and r.id not in vol.shadows:
                     raise NotFound(f"snapshot '{r.name}' does not cover volume {vol.name}")
-            if b is not None and b.id <= a.id:
+            if b is not None and b.id < a.id:
                 raise InvalidArgument(f"'{from_name}' must be older than '{to_name}': swap them")
+            if b is not None and b.id == a.id:
+                return []  # a snapshot never differs from itself
             bs = self.pool.block_size
             size = vol.shadows[b.id].inode.size if b else vol.inode.size
             blocks = snapops.changed_blocks(vol, a.id, b.id if b else None)
@@ -334,7 +395,7 @@ class SnapshotManagement:
                     "from": a.name,
                     "to": b.name,
                     "snapshots": [self.pool.snapshots[s].name for s in span],
-                    "freed_bytes": _range_freed(vol, span) * bs,
+                    "freed_bytes": snapops.range_freed(vol, span) * bs,
                 }
             return result
 
@@ -361,8 +422,10 @@ class SnapshotManagement:
             used += snapops.unique_blocks(vol, rec.id)
             referenced += shadow.inode.referenced_blocks
             older = vol.older_than(rec.id)
+            # blocks changed between the previous snapshot and this one: the previous one's
+            # entries (data it preserved, and holes that got data)
             written += (
-                vol.shadows[older].inode.owned_blocks if older else shadow.inode.referenced_blocks
+                vol.shadows[older].inode.entry_count if older else shadow.inode.referenced_blocks
             )
         return SnapshotInfo(
             name=rec.name,
@@ -413,21 +476,3 @@ class SnapshotManagement:
                 "server_pid": sb.inuse_pid,
                 "time": time.time(),
             }
-
-
-def _range_freed(vol: Volume, span: list[int]) -> int:
-    """Blocks freed by deleting the consecutive snapshots span (oldest first) of vol: all their
-    own blocks, except, per block, the oldest entry when the next older snapshot relies on it."""
-    owned = sum(vol.shadows[s].inode.owned_blocks for s in span)
-    older_id = vol.older_than(span[0])
-    if not older_id:
-        return owned
-    older = vol.shadows[older_id]
-    oldest: dict[int, int] = {}  # block -> kind of the oldest entry in the span
-    for s in span:
-        for b, e in vol.shadows[s].iter_entries():
-            oldest.setdefault(b, e.kind)
-    handed = sum(
-        1 for b, kind in oldest.items() if kind == KIND_ADDR and older.get(b) == EMPTY_ENTRY
-    )
-    return owned - handed

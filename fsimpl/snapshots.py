@@ -109,3 +109,35 @@ def unique_blocks(vol: Volume, snap_id: int) -> int:
     )
     vol.unique_cache[snap_id] = (key, n)
     return n
+
+
+def range_freed(vol: Volume, span: list[int]) -> int:
+    """Blocks freed by deleting the consecutive snapshots span (oldest first) of vol: all their
+    own blocks, except, per block, the oldest entry when the next older snapshot relies on it."""
+    owned = sum(vol.shadows[s].inode.owned_blocks for s in span)
+    older_id = vol.older_than(span[0])
+    if not older_id:
+        return owned
+    older = vol.shadows[older_id]
+    oldest: dict[int, int] = {}  # block -> kind of the oldest entry in the span
+    for s in span:
+        for b, e in vol.shadows[s].iter_entries():
+            oldest.setdefault(b, e.kind)
+    handed = sum(
+        1 for b, kind in oldest.items() if kind == KIND_ADDR and older.get(b) == EMPTY_ENTRY
+    )
+    return owned - handed
+
+
+def freed_by_deleting(vol: Volume, gone: set[int]) -> int:
+    """Blocks freed once every snapshot in gone is deleted: each run of consecutive deleted
+    snapshots hands at most one entry per block to the survivor below it."""
+    total = 0
+    run: list[int] = []
+    for sid in vol.chain + [0]:
+        if sid in gone:
+            run.append(sid)
+        elif run:
+            total += unique_blocks(vol, run[0]) if len(run) == 1 else range_freed(vol, run)
+            run = []
+    return total

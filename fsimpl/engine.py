@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from . import snapshots as snapops
+from . import writable
 from .checker import check
 from .device import Device
 from .errors import (
@@ -36,6 +37,8 @@ from .errors import (
 from .layout import (
     DEFAULT_BLOCK_SIZE,
     KIND_ADDR,
+    OP_DELETE,
+    OP_FLATTEN,
     OP_NONE,
     OP_ROLLBACK,
     SNAP_ACTIVE,
@@ -47,6 +50,7 @@ from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
 from .volume import COW_COPY, COW_MOVE, Volume
+from .volume_mgmt import VolumeManagement
 
 log = logging.getLogger("dittofs")
 
@@ -79,7 +83,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Engine(SnapshotManagement):
+class Engine(SnapshotManagement, VolumeManagement):
     def __init__(self, device: Device, pool: Pool, cow: str, cache_bytes: int) -> None:
         if cow not in (COW_MOVE, COW_COPY):
             raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
@@ -295,9 +299,9 @@ class Engine(SnapshotManagement):
     def volume(self, name: str) -> Volume:
         self._usable()
         for vol in self.pool.volumes.values():
-            if vol.name == name:
+            if vol.name == name and vol.inode.op != OP_DELETE:
                 return vol
-        raise NotFound(f"no volume named '{name}' in this pool")
+        raise NotFound(f"no volume named '{name}' in this pool; 'snapctl volume list' shows them")
 
     def snapshot(self, name: str) -> SnapshotRecord:
         self._usable()
@@ -319,6 +323,8 @@ class Engine(SnapshotManagement):
         with self.lock:
             out: list[tuple[str, str]] = []
             for vol in sorted(self.pool.volumes.values(), key=lambda v: v.ino):
+                if vol.inode.op == OP_DELETE:
+                    continue
                 out.append((vol.name, f"volume {vol.name} ({vol.inode.size} bytes, read-write)"))
                 latest = self._latest_of(vol)
                 if latest is not None:
@@ -366,7 +372,7 @@ class Engine(SnapshotManagement):
                 name,
                 vol.ino,
                 rec.id,
-                True,
+                readonly or rec.id not in vol.writable,
                 vol.inode.incarnation,
                 shadow.inode.size,
                 _describe_snapshot(rec, vol),
@@ -415,11 +421,18 @@ class Engine(SnapshotManagement):
 
     def _writable(self, ex: Export) -> Volume:
         vol = self._volume_for(ex)
-        if ex.readonly or ex.snap_id is not None:
-            raise ReadOnlyExport(f"export {ex.name} is read-only: snapshots cannot be written")
-        if vol.inode.op != OP_NONE:
+        if ex.readonly or (ex.snap_id is not None and ex.snap_id not in vol.writable):
             raise ReadOnlyExport(
-                f"export {ex.name}: a rollback of this volume is in progress; wait for it"
+                f"export {ex.name} is read-only"
+                + (
+                    " (a snapshot: make it writable with 'snapctl set NAME writable=on')"
+                    if ex.snap_id is not None
+                    else ""
+                )
+            )
+        if vol.inode.op not in (OP_NONE, OP_FLATTEN):  # a flatten runs online
+            raise ReadOnlyExport(
+                f"export {ex.name}: a rollback or delete of this volume is in progress; wait"
             )
         return vol
 
@@ -433,19 +446,26 @@ class Engine(SnapshotManagement):
             self._range(ex, offset, len(out))
             vol.read(self.pool.ctx, self._view(vol, ex), out, offset)
 
+    def _put(self, vol: Volume, ex: Export, data: memoryview, offset: int) -> None:
+        """Write into the volume or, for a writable snapshot export, into the snapshot."""
+        if ex.snap_id is None:
+            vol.write(self.pool.ctx, data, offset, self.cow)
+        else:
+            writable.write_snapshot(self.pool.ctx, vol, ex.snap_id, data, offset)
+
     def write(self, ex: Export, data: memoryview, offset: int, fua: bool = False) -> None:
         with self.lock:
             vol = self._writable(ex)
             self._range(ex, offset, len(data))
             if len(data):
                 try:
-                    vol.write(self.pool.ctx, data, offset, self.cow)
+                    self._put(vol, ex, data, offset)
                 except NoSpace:
                     # Blocks freed since the last commit, and the room kept for committing,
                     # come back with a commit; if the pool is still full, the writer hears it.
                     if not self._commit():
                         raise
-                    vol.write(self.pool.ctx, data, offset, self.cow)
+                    self._put(vol, ex, data, offset)
             if fua:
                 self._make_durable()
 
@@ -455,23 +475,27 @@ class Engine(SnapshotManagement):
             vol = self._writable(ex)
             self._range(ex, offset, length)
             bs = self.pool.block_size
-            self._deallocate(vol, -(-offset // bs), (offset + length) // bs)
+            self._deallocate(vol, ex, -(-offset // bs), (offset + length) // bs)
             if fua:
                 self._make_durable()
 
-    def _deallocate(self, vol: Volume, first: int, end: int) -> None:
-        """Blocks [first, end) become unallocated, in chunks of one map leaf, committing
-        whenever the transaction grows into the reserve (a commit must always fit)."""
+    def _deallocate(self, vol: Volume, ex: Export, first: int, end: int) -> None:
+        """Blocks [first, end) read zeros and give their space back, in chunks of one map leaf,
+        committing whenever the transaction grows into the reserve (a commit must fit)."""
         chunk = vol.live.capacity
         for start in range(first, end, chunk):
-            vol.deallocate(self.pool.ctx, start, min(chunk, end - start))
+            n = min(chunk, end - start)
+            if ex.snap_id is None:
+                vol.deallocate(self.pool.ctx, start, n)
+            else:
+                writable.deallocate_snapshot(self.pool.ctx, vol, ex.snap_id, start, n)
             self._keep_commit_room()
 
     def zero(
         self, ex: Export, offset: int, length: int, fua: bool = False, may_trim: bool = True
     ) -> None:
         """Make the range read zeros: whole blocks are deallocated when the client allows
-        (may_trim), else written; partial blocks get zeros unless unallocated already."""
+        (may_trim), else written; partial blocks get zeros unless they read zeros already."""
         with self.lock:
             vol = self._writable(ex)
             self._range(ex, offset, length)
@@ -479,7 +503,8 @@ class Engine(SnapshotManagement):
             first = -(-offset // bs)
             end = (offset + length) // bs
             if end > first and may_trim:
-                self._deallocate(vol, first, end)
+                self._deallocate(vol, ex, first, end)
+            view = self._view(vol, ex)
             pos, stop = offset, offset + length
             while pos < stop:
                 block = pos // bs
@@ -487,11 +512,11 @@ class Engine(SnapshotManagement):
                 if n == bs and may_trim:
                     pos = end * bs  # the whole blocks were deallocated above
                     continue
-                if n < bs and vol.live.get(block).kind != KIND_ADDR:
-                    pos += n  # unallocated already reads zeros
+                if n < bs and vol.resolve_block(view, block).kind != KIND_ADDR:
+                    pos += n  # reads zeros already
                     continue
                 n = min(stop - pos, 64 * bs) if n == bs else n
-                vol.write(self.pool.ctx, memoryview(bytes(n)), pos, self.cow)
+                self._put(vol, ex, memoryview(bytes(n)), pos)
                 pos += n
             if fua:
                 self._make_durable()
@@ -567,14 +592,30 @@ class Engine(SnapshotManagement):
                 pool.finish_delete(sid)
             self._keep_commit_room()
             return True
-        for vol in pool.volumes.values():
-            if vol.inode.op == OP_ROLLBACK:
+        for vol in list(pool.volumes.values()):
+            op = vol.inode.op
+            if op == OP_ROLLBACK:
                 sid = vol.inode.op_target
                 if snapops.rollback_step(pool.ctx, vol, sid, stop):
                     pool.finish_rollback(vol, sid)
                     self._commit()
-                self._keep_commit_room()
-                return True
+            elif op == OP_DELETE:
+                maps = [vol.shadows[s] for s in vol.chain] + [vol.live]
+                if all(snapops.free_map_step(pool.ctx, m, stop) for m in maps):
+                    pool.finish_volume_delete(vol)
+                    self._commit()
+            elif op == OP_FLATTEN:
+                vol.inode.op_target = snapops.flatten_step(pool.ctx, vol, vol.inode.op_target, stop)
+                pool.touch_inode(vol.inode)
+                if vol.inode.op_target >= vol.origin_blocks:
+                    vol.inode.op = OP_NONE
+                    vol.inode.op_target = vol.inode.origin_vol = vol.inode.origin_snap = 0
+                    vol.origin = None
+                    self._commit()
+            else:
+                continue
+            self._keep_commit_room()
+            return True
         return False
 
     def _keep_commit_room(self) -> None:
@@ -586,7 +627,8 @@ class Engine(SnapshotManagement):
 
 def _describe_snapshot(rec: SnapshotRecord, vol: Volume) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec.created_ns / 1e9))
-    return f"snapshot {rec.name} of {vol.name}, taken {when} (read-only)"
+    mode = "read-write" if rec.id in vol.writable else "read-only"
+    return f"snapshot {rec.name} of {vol.name}, taken {when} ({mode})"
 
 
 def _lock(device: Device) -> None:

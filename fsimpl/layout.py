@@ -358,12 +358,14 @@ def set_pointer(buf: bytearray, slot: int, address: int) -> None:
 
 # --- block-map entries -------------------------------------------------------------------------
 
-# kind: in a live map NONE = unallocated (reads zeros); in a shadow map NONE = DITTO ("look in
-# the next newer snapshot, then live"). HOLE = explicitly zero (a snapshot taken while the
-# block was unallocated). ADDR = data at `addr`.
+# kind: in a live map NONE = never written: zeros, or for a clone the origin snapshot's data;
+# in a shadow map NONE = DITTO ("look in the next newer snapshot, then live"). HOLE = explicitly
+# zero (a snapshot taken while the block was unallocated; a trimmed block of a clone). ADDR =
+# data at `addr`. ORIGIN (shadow maps of clones) = the clone's origin snapshot's data.
 KIND_NONE = 0
 KIND_ADDR = 1
 KIND_HOLE = 2
+KIND_ORIGIN = 3
 
 ENTRY_INCOMPLETE = 0x01  # deferred copy-on-write: only [valid_lo, valid_hi) sectors are here
 
@@ -451,7 +453,9 @@ INODE_RECORD_SIZE = 256
 assert INODE_RECORD.size <= INODE_RECORD_SIZE
 
 OP_NONE = 0
-OP_ROLLBACK = 1
+OP_ROLLBACK = 1  # live is being restored to op_target
+OP_DELETE = 2  # the volume (and its shadows) are being freed
+OP_FLATTEN = 3  # a clone is copying its origin's blocks (op_target: next block to look at)
 
 
 @dataclass

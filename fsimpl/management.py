@@ -21,11 +21,14 @@ from .layout import (
     FORMAT_VERSION,
     HOLD_TAG_MAX,
     MAX_HOLDS,
+    OP_DELETE,
+    OP_FLATTEN,
     OP_NONE,
     OP_ROLLBACK,
     ROLE_NAMES,
     SNAP_ACTIVE,
     SNAP_DELETING,
+    SNAPF_WRITABLE,
     SnapshotRecord,
 )
 from .names import DEFAULT_VOLUME, check_name
@@ -85,18 +88,27 @@ class SnapshotManagement:
         if any(r.name == name and r.state == SNAP_ACTIVE for r in self.pool.snapshots.values()):
             raise NameTaken(f"a snapshot named '{name}' already exists; pick another name")
 
-    def create_snapshot(self, name: str, volumes: list[str] | None = None) -> SnapshotInfo:
-        """A new snapshot of the volumes (all of them by default, in one transaction)."""
+    def create_snapshot(
+        self, name: str, volumes: list[str] | None = None, writable: bool = False
+    ) -> SnapshotInfo:
+        """A new snapshot of the volumes (all of them by default, in one transaction: one point
+        in time for all, a consistency group); writable snapshots export read-write."""
         with self.lock:
             self._name_free(name)
             if volumes:
                 vols = [self.volume(v) for v in dict.fromkeys(volumes)]
             else:
-                vols = sorted(self.pool.volumes.values(), key=lambda v: v.ino)
+                vols = sorted(
+                    (v for v in self.pool.volumes.values() if v.inode.op != OP_DELETE),
+                    key=lambda v: v.ino,
+                )
             for vol in vols:
-                if vol.inode.op != OP_NONE:
+                if vol.inode.op not in (OP_NONE, OP_FLATTEN):
                     raise Refused(f"volume {vol.name} is being rolled back; try again after")
-            rec = self.pool.create_snapshot(name, vols)
+            rec = self.pool.create_snapshot(name, vols, SNAPF_WRITABLE if writable else 0)
+            if writable:
+                for vol in vols:
+                    vol.writable.add(rec.id)
             self._commit()
             return self._info(rec)
 
@@ -144,6 +156,14 @@ class SnapshotManagement:
                 raise Refused(
                     f"volume {vol.name} is being rolled back to '{rec.name}'; wait for it"
                 )
+        clones = [
+            c.name for v in self.pool.covering(rec.id) for c in self.pool.clones_of(v, rec.id)
+        ]
+        if clones:
+            raise Refused(
+                f"snapshot '{rec.name}' has clones ({', '.join(clones)}); flatten them "
+                "('snapctl flatten NAME') or delete them first"
+            )
         if rec.holds:
             raise Refused(
                 f"snapshot '{rec.name}' is held ({', '.join(rec.holds)}); release the holds "
@@ -293,6 +313,8 @@ class SnapshotManagement:
                     f"snapshots newer than '{name}' exist ({', '.join(r.name for r in newer)}); "
                     "delete them first, or add --destroy-newer"
                 )
+            for r in newer:
+                self._deletable(r)  # held, cloned: such a newer snapshot cannot go
             held = [r for r in newer if r.holds]
             if held:
                 raise Refused(

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_NONE, Entry
+from .blockmap import BlockMap
+from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
 from .volume import DataContext, Volume
 
 
@@ -141,3 +142,57 @@ def freed_by_deleting(vol: Volume, gone: set[int]) -> int:
             total += unique_blocks(vol, run[0]) if len(run) == 1 else range_freed(vol, run)
             run = []
     return total
+
+
+def free_map_step(ctx: DataContext, m: BlockMap, stop: Callable[[], bool]) -> bool:
+    """Free every block a map owns, leaf by leaf (a volume being deleted). True when empty."""
+    cap = m.capacity
+    for leaf_no in list(m.leaf_numbers()):
+        for _, e in list(m.entries_in(leaf_no * cap, cap)):
+            if e.kind == KIND_ADDR:
+                ctx.allocator.free(e.addr)
+        m.detach_leaf(leaf_no)
+        if stop():
+            return m.is_empty()
+    return True
+
+
+def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], bool]) -> int:
+    """Copy a clone's origin data into blocks of its own, from block cursor on: live blocks it
+    never wrote, and its snapshots' ORIGIN entries. Returns the next cursor; the clone is
+    independent once the cursor reaches the origin's size."""
+    assert vol.origin is not None
+    bs = ctx.block_size
+    end = vol.origin_blocks
+    step = vol.live.capacity
+    while cursor < end:
+        count = min(step, end - cursor)
+        origin_view = vol.origin.resolve_range(vol.inode.origin_snap, cursor, count)
+        todo: list[tuple[int, BlockMap, Entry]] = []
+        for i, e in enumerate(vol.live_range(cursor, count)):
+            if e.kind == KIND_NONE:
+                todo.append((i, vol.live, e))
+        for sid in vol.chain:
+            for b, e in vol.shadows[sid].entries_in(cursor, count):
+                if e.kind == KIND_ORIGIN:
+                    todo.append((b - cursor, vol.shadows[sid], e))
+        data = [(i, m, e) for i, m, e in todo if origin_view[i].kind == KIND_ADDR]
+        copies = ctx.allocator.allocate_many(len(data), 2 * len(vol.chain) + 8)
+        try:
+            for (i, _, _), c in zip(data, copies, strict=True):
+                src = origin_view[i].addr * bs
+                ctx.device.pwrite(ctx.device.pread(bs, src), c * bs)
+        except BaseException:
+            ctx.allocator.unallocate(copies)
+            raise
+        copied = {(i, id(m)): c for (i, m, _), c in zip(data, copies, strict=True)}
+        for i, m, e in todo:
+            own = copied.get((i, id(m)))
+            if own is not None:
+                m.set(cursor + i, Entry(KIND_ADDR, own, e.birth))
+            elif m is not vol.live:
+                m.set(cursor + i, Entry(KIND_HOLE, 0, e.birth))  # the origin read zeros there
+        cursor += count
+        if stop():
+            break
+    return cursor

@@ -32,6 +32,7 @@ from .layout import (
     RESERVED_BYTES,
     SNAP_ACTIVE,
     SNAP_DELETING,
+    SNAPF_WRITABLE,
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
     InodeRecord,
@@ -192,6 +193,18 @@ class Pool:
                     "inode-table leaf",
                 )
             vol.add_shadow(rec.snap_id, BlockMap(self.store, rec, self.dirty_maps))
+            if self.snapshots[rec.snap_id].flags & SNAPF_WRITABLE:
+                vol.writable.add(rec.snap_id)
+        for vol in self.volumes.values():
+            if vol.inode.origin_vol:
+                origin = self.volumes.get(vol.inode.origin_vol)
+                if origin is None or vol.inode.origin_snap not in origin.shadows:
+                    raise CorruptMetadata(
+                        f"clone {vol.name} has a missing origin; run 'snapctl check'",
+                        -1,
+                        "inode-table leaf",
+                    )
+                vol.origin = origin
 
     # --- changes ------------------------------------------------------------------------------
 
@@ -206,7 +219,10 @@ class Pool:
         self.sb.next_inode += 1
         return ino
 
-    def create_volume(self, name: str, size: int) -> Volume:
+    def create_volume(
+        self, name: str, size: int, origin: Volume | None = None, origin_snap: int = 0
+    ) -> Volume:
+        """A new, empty volume; with origin, a clone reading through origin@origin_snap."""
         ino = self._new_ino()
         rec = InodeRecord(
             ino=ino,
@@ -215,8 +231,11 @@ class Pool:
             size=size,
             created_ns=time.time_ns(),
             name=name,
+            origin_vol=origin.ino if origin else 0,
+            origin_snap=origin_snap if origin else 0,
         )
         vol = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
+        vol.origin = origin
         self.volumes[ino] = vol
         self.touch_inode(rec)
         return vol
@@ -274,13 +293,42 @@ class Pool:
     def finish_delete(self, sid: int) -> None:
         """Every covered volume's shadow map is empty: drop the records."""
         for vol in self.covering(sid):
-            shadow = vol.shadows[sid]
-            shadow.tree.free_all()
-            self.dirty_maps.discard(shadow)
-            vol.remove_shadow(sid)
-            self.dirty_inodes[shadow.inode.ino] = None
+            self._drop_shadow(vol, sid)
         del self.snapshots[sid]
         self.dirty_snaps[sid] = None
+
+    def _drop_shadow(self, vol: Volume, sid: int) -> None:
+        shadow = vol.shadows[sid]
+        shadow.tree.free_all()
+        self.dirty_maps.discard(shadow)
+        vol.remove_shadow(sid)
+        vol.writable.discard(sid)
+        self.dirty_inodes[shadow.inode.ino] = None
+
+    def finish_volume_delete(self, vol: Volume) -> None:
+        """The volume's maps are empty: drop it, its shadows, and snapshots left covering
+        nothing."""
+        for sid in list(vol.chain):
+            self._drop_shadow(vol, sid)
+            rec = self.snapshots[sid]
+            rec.covered -= 1
+            if rec.covered <= 0:
+                del self.snapshots[sid]
+                self.dirty_snaps[sid] = None
+            else:
+                self.touch_snapshot(rec)
+        vol.live.tree.free_all()
+        self.dirty_maps.discard(vol.live)
+        del self.volumes[vol.ino]
+        self.dirty_inodes[vol.ino] = None
+
+    def clones_of(self, vol: Volume, sid: int | None = None) -> list[Volume]:
+        """Volumes cloned from vol (from its snapshot sid, if given)."""
+        return [
+            v
+            for v in self.volumes.values()
+            if v.origin is vol and (sid is None or v.inode.origin_snap == sid)
+        ]
 
     def finish_rollback(self, vol: Volume, sid: int) -> None:
         vol.inode.op = OP_NONE

@@ -16,8 +16,14 @@ The first write to a shared block preserves it for the latest snapshot:
   copy and its map entry are committed, then live is overwritten in place. All first writes of
   one request share one commit.
 
-A shadow entry keeps the birth the data had in live, so a rollback restores exact births (and
-with them the sharing test for every older snapshot). A block that moves from a snapshot to live
+The birth test says "maybe shared"; the latest snapshot's own entry settles it: a snapshot that
+was written (writable snapshots) holds entries live never handed it, and then live's block is
+not needed by any snapshot. A shadow entry keeps the birth the data had in live, so a rollback
+restores exact births (and with them the sharing test for every older snapshot).
+
+A clone is a volume with an origin (a snapshot of another volume): its never-written blocks
+(live NONE) read the origin's view, a trimmed block is an explicit HOLE, and a snapshot of the
+clone preserves "the origin's view" as an ORIGIN entry. A block that moves from a snapshot to live
 keeps birth <= latest, so it is never overwritten in place before it is committed as live's.
 """
 
@@ -30,7 +36,15 @@ from dataclasses import dataclass
 from .allocator import Allocator
 from .blockmap import BlockMap
 from .device import Device
-from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, Entry, InodeRecord
+from .layout import (
+    EMPTY_ENTRY,
+    KIND_ADDR,
+    KIND_HOLE,
+    KIND_NONE,
+    KIND_ORIGIN,
+    Entry,
+    InodeRecord,
+)
 
 COW_MOVE = "move"
 COW_COPY = "copy"
@@ -55,6 +69,8 @@ class Volume:
         self.shadows: dict[int, BlockMap] = {}
         # snapshot id -> ((its map version, older id, older map version), unique blocks)
         self.unique_cache: dict[int, tuple[tuple[int, int, int], int]] = {}
+        self.origin: Volume | None = None  # a clone's origin volume (inode.origin_snap: its snap)
+        self.writable: set[int] = set()  # snapshots of this volume exported read-write
 
     @property
     def name(self) -> str:
@@ -87,15 +103,33 @@ class Volume:
 
     def resolve_block(self, snap_id: int | None, block: int) -> Entry:
         """The entry that says where block's data is, as seen from snapshot snap_id (None:
-        live). Kind NONE or HOLE reads as zeros."""
-        if snap_id is not None:
-            for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
-                e = self.shadows[sid].get(block)
-                if e.kind != KIND_NONE:
-                    return e
-        return self.live.get(block)
+        live): the first real entry of the chain (FIG. 10). Anything but ADDR reads zeros."""
+        return self.resolve_range(snap_id, block, 1)[0]
 
     def resolve_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
+        """Where each block of [first, first + count) is, seen from snap_id (None: live);
+        for a clone, blocks it never wrote resolve in its origin snapshot."""
+        entries = self._own_range(snap_id, first, count)
+        if self.origin is None:
+            return entries
+        need = [i for i, e in enumerate(entries) if e.kind in (KIND_NONE, KIND_ORIGIN)]
+        if need:
+            lo, hi = need[0], need[-1]
+            limit = self.origin_blocks
+            sub = self.origin.resolve_range(self.inode.origin_snap, first + lo, hi - lo + 1)
+            for i in need:
+                entries[i] = sub[i - lo] if first + i < limit else EMPTY_ENTRY
+        return entries
+
+    @property
+    def origin_blocks(self) -> int:
+        """Blocks of the origin snapshot a clone can see (beyond them it reads zeros)."""
+        assert self.origin is not None
+        size = self.origin.shadows[self.inode.origin_snap].inode.size
+        bs = self.live.tree.store.block_size
+        return (size + bs - 1) // bs
+
+    def _own_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
         if snap_id is None:
             return self.live_range(first, count)
         found: list[Entry | None] = [None] * count
@@ -173,6 +207,31 @@ class Volume:
         height = max(self.live.tree.height, latest.tree.height if latest else 0)
         return 2 * leaves * (height + 2)
 
+    def _shared(self, b: int, e: Entry, latest: int) -> bool:
+        """Does the latest snapshot still need live's current view of block b? The birth test,
+        settled by the snapshot's own entry (a written snapshot may already have one)."""
+        return latest != 0 and e.birth <= latest and self.shadows[latest].get(b) == EMPTY_ENTRY
+
+    def _preserved(self, b: int, e: Entry) -> Entry:
+        """The shadow entry that keeps live's current view of block b for a snapshot."""
+        if e.kind == KIND_ADDR:
+            return Entry(KIND_ADDR, e.addr, e.birth)
+        if (
+            e.kind == KIND_NONE
+            and self.origin is not None
+            and self.resolve_range(None, b, 1)[0].kind == KIND_ADDR
+        ):
+            return Entry(KIND_ORIGIN, 0, e.birth)  # the clone showed its origin's data there
+        return Entry(KIND_HOLE, 0, e.birth)
+
+    def _base_into(self, ctx: DataContext, b: int, buf: bytearray) -> None:
+        """Fill buf with what block b of live reads now, when live has no block of its own
+        (zeros, or a clone's origin data)."""
+        if self.origin is not None:
+            e = self.resolve_range(None, b, 1)[0]
+            if e.kind == KIND_ADDR:
+                ctx.device.pread_into(buf, e.addr * ctx.block_size)
+
     def write(self, ctx: DataContext, data: memoryview, offset: int, cow: str) -> None:
         """Write data at offset. The blocks it needs are allocated first and written before any
         map changes, so a failed write leaves the maps (and every other byte) as they were."""
@@ -183,12 +242,11 @@ class Volume:
         if cow == COW_COPY and latest:
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
-        moves = sum(
-            1 for e in entries if e.kind != KIND_ADDR or (latest != 0 and e.birth <= latest)
-        )
+        shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
+        moves = sum(1 for e, sh in zip(entries, shared, strict=True) if e.kind != KIND_ADDR or sh)
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
-        remap: list[tuple[int, Entry, int]] = []  # (block, old entry, new address)
+        remap: list[tuple[int, Entry, bool, int]] = []  # (block, old entry, shared, new address)
         try:
             pos = 0
             for i, e in enumerate(entries):
@@ -197,7 +255,7 @@ class Volume:
                 n = min(bs - start, len(data) - pos)
                 chunk = data[pos : pos + n]
                 pos += n
-                if e.kind == KIND_ADDR and not (latest != 0 and e.birth <= latest):
+                if e.kind == KIND_ADDR and not shared[i]:
                     writes.append((e.addr * bs + start, chunk))
                     continue
                 new = fresh[len(remap)]
@@ -207,19 +265,20 @@ class Volume:
                     merged = bytearray(bs)
                     if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
                         ctx.device.pread_into(merged, e.addr * bs)
+                    elif e.kind == KIND_NONE:
+                        self._base_into(ctx, b, merged)
                     merged[start : start + n] = chunk
                     block = memoryview(merged)
                 writes.append((new * bs, block))
-                remap.append((b, e, new))
-            _write_coalesced(ctx.device, writes)
+                remap.append((b, e, shared[i], new))
+            write_coalesced(ctx.device, writes)
         except BaseException:
             ctx.allocator.unallocate(fresh)
             raise
         birth = ctx.birth()
-        for b, e, new in remap:
-            if latest != 0 and e.birth <= latest:  # first write since the snapshot
-                kind = KIND_ADDR if e.kind == KIND_ADDR else KIND_HOLE
-                self.shadows[latest].set(b, Entry(kind, e.addr, e.birth))
+        for b, e, was_shared, new in remap:
+            if was_shared:  # first write since the snapshot
+                self.shadows[latest].set(b, self._preserved(b, e))
             self.live.set(b, Entry(KIND_ADDR, new, birth))
 
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
@@ -229,7 +288,9 @@ class Volume:
         latest = self.inode.snap_id
         shadow = self.shadows[latest]
         entries = self.live_range(first, last - first + 1)
-        shared = [(first + i, e) for i, e in enumerate(entries) if e.birth <= latest]
+        shared = [
+            (first + i, e) for i, e in enumerate(entries) if self._shared(first + i, e, latest)
+        ]
         if not shared:
             return
         to_copy = [(b, e) for b, e in shared if e.kind == KIND_ADDR]
@@ -246,35 +307,46 @@ class Volume:
             if e.kind == KIND_ADDR:
                 shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth))
                 self.live.set(b, e._replace(birth=birth))
-            else:  # a hole: nothing to copy, the snapshot just records it
-                shadow.set(b, Entry(KIND_HOLE, 0, e.birth))
-                self.live.set(b, Entry(KIND_NONE, 0, birth))
+            else:  # nothing to copy: the snapshot records a hole, or the clone's origin view
+                shadow.set(b, self._preserved(b, e))
+                self.live.set(b, e._replace(birth=birth))
         if copies:
             ctx.commit()
 
     def deallocate(self, ctx: DataContext, first: int, count: int) -> None:
-        """Make whole blocks [first, first + count) unallocated (trim, zero)."""
+        """Make whole blocks [first, first + count) read zeros and give their space back (trim,
+        zero). A clone visits every block: a never-written one showed its origin's data."""
         latest = self.inode.snap_id
         birth = ctx.birth()
         live = self.live
-        for b, e in list(live.entries_in(first, count)):
-            shared = latest != 0 and e.birth <= latest
-            if e.kind != KIND_ADDR:
-                if not shared and latest == 0 and e != EMPTY_ENTRY:
-                    live.clear(b)  # no snapshot needs to know it changed
-                continue  # a hole stays a hole: nothing for a snapshot to preserve
-            if shared:
-                self.shadows[latest].set(b, Entry(KIND_ADDR, e.addr, e.birth))
-                live.set(b, Entry(KIND_NONE, birth=birth))
-            else:
+        clone = self.origin is not None
+        if clone:
+            blocks = list(
+                zip(range(first, first + count), self.live_range(first, count), strict=True)
+            )
+        else:
+            blocks = list(live.entries_in(first, count))
+        # what live holds afterwards: "reads zeros" (a clone needs HOLE: NONE is its origin)
+        zero_kind = KIND_HOLE if clone else KIND_NONE
+        for b, e in blocks:
+            reads_zero = e.kind == KIND_HOLE or (e.kind == KIND_NONE and not clone)
+            if reads_zero:
+                if not clone and latest == 0 and e != EMPTY_ENTRY:
+                    live.clear(b)  # no snapshot needs to know it ever changed
+                continue  # the view does not change: nothing to preserve or free
+            if self._shared(b, e, latest):
+                self.shadows[latest].set(b, self._preserved(b, e))
+                live.set(b, Entry(zero_kind, 0, birth))
+                continue
+            if e.kind == KIND_ADDR:
                 ctx.allocator.free(e.addr)
-                if latest == 0:
-                    live.clear(b)
-                else:  # keep "changed since latest": the snapshot holds an entry for b
-                    live.set(b, Entry(KIND_NONE, birth=e.birth))
+            if latest == 0 and not clone:
+                live.clear(b)
+            else:  # keep the birth: it still says whether b changed since the latest snapshot
+                live.set(b, Entry(zero_kind, 0, e.birth))
 
 
-def _write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:
+def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:
     """Issue writes, merging neighbours that are contiguous both on disk and in memory."""
     i = 0
     while i < len(writes):

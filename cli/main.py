@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from . import attach, pool_cmds, serve, snapshot_cmds  # noqa: F401  (they register their commands)
+from . import attach, pool_cmds, serve, snapshot_cmds, volume_cmds  # noqa: F401  (they register)
 from .app import main
 
 __all__ = ["entry", "main"]

@@ -73,15 +73,22 @@ def frozen(mountpoints: tuple[str, ...]) -> Iterator[None]:
     metavar="MOUNTPOINT",
     help="fsfreeze this mounted file system around the snapshot (repeatable).",
 )
+@click.option("--writable", is_flag=True, help="Export it read-write (see 'snapctl set').")
 @click.option("--json", "as_json", is_flag=True, help="Print the new snapshot as JSON.")
 @click.pass_obj
 def create(
-    obj: Context, name: str, volumes: tuple[str, ...], freeze: tuple[str, ...], as_json: bool
+    obj: Context,
+    name: str,
+    volumes: tuple[str, ...],
+    freeze: tuple[str, ...],
+    writable: bool,
+    as_json: bool,
 ) -> None:
-    """Create snapshot NAME (O(1): nothing is copied)."""
+    """Create snapshot NAME of every volume at one point in time, or of the --volume ones
+    (O(1): nothing is copied)."""
 
     def body() -> None:
-        args: dict[str, Any] = {"name": name}
+        args: dict[str, Any] = {"name": name, "writable": writable}
         if volumes:
             args["volumes"] = list(volumes)
         with obj.client() as c, frozen(freeze):

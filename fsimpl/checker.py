@@ -14,15 +14,43 @@ runs ordered passes, each collecting defects rather than stopping at the first:
                 L (or a newer snapshot still being deleted) holds an entry for b
 
 A defect is fatal when data could be read wrong or lost; leaks only waste space.
+
+`repair(device)` (snapctl check --repair, with no server running) fixes what can be fixed
+without guessing, as one ordinary copy-on-write commit (a new superblock generation):
+
+  superblock slot   a slot that fails its checksum, holds no superblock, or is stale (another
+                    pool's, or not the newest one's predecessor) is rewritten by the commit,
+                    which always lands in the slot that is not the newest valid one
+  free map          leaked blocks (allocated, owned by nothing) are freed; blocks in use that
+                    the free map calls free are marked allocated; the superblock's count follows
+  counters          per-inode block and entry counts are set to what the maps hold
+
+The free map is only touched when every map and table was read: with an unreadable metadata
+block the set of owned blocks is unknown, and freeing on a guess could free live data. Anything
+else (unreadable blocks, double owners, broken sharing) is reported as left uncorrected.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
+from .blockmap import BlockMap
 from .device import Device
-from .errors import CorruptMetadata, DittoError, NotAPool, UnsupportedFormat
+from .errors import (
+    CorruptMetadata,
+    DittoError,
+    NotAPool,
+    NotFound,
+    PoolBusy,
+    UnsupportedFormat,
+)
 from .layout import (
+    BLOCK_TYPE_NAMES,
+    BT_SUPER,
     KIND_ADDR,
     KIND_HOLE,
     KIND_NONE,
@@ -33,10 +61,12 @@ from .layout import (
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
     InodeRecord,
+    Superblock,
     first_data_block,
     unpack_superblock,
 )
-from .txn import Pool
+from .radix import RadixTree
+from .txn import Pool, read_superblock
 from .volume import Volume
 
 
@@ -69,16 +99,43 @@ class CheckReport:
         self.defects.append(Defect(kind, fatal, where, message))
 
 
+CHECK_CACHE_BYTES = 8 << 20
+
+
+def report_json(report: CheckReport) -> dict[str, Any]:
+    """The shape the control op "check" answers with (and snapctl check --json prints)."""
+    return {
+        "clean": report.clean,
+        "fatal": len(report.fatal),
+        "defects": [asdict(d) for d in report.defects],
+        "stats": report.stats,
+    }
+
+
+def _corrupt_where(e: CorruptMetadata) -> str:
+    if e.address >= 0:
+        return f"block {e.address} ({e.block_type})" if e.block_type else f"block {e.address}"
+    return e.block_type or "metadata"
+
+
+def _strip_hint(message: str) -> str:
+    """A block's error says "run 'snapctl check'": pointless inside the check's own report."""
+    for hint in ("; run 'snapctl check'", " (run 'snapctl check' for details)"):
+        message = message.replace(hint, "")
+    return message
+
+
 def check(device: Device) -> CheckReport:
-    """Check the committed state on device. Raises only for a disk that is not a pool."""
+    """Check the committed state on device. Raises only for a disk that is not a pool (or one
+    of a format this code does not read)."""
     report = CheckReport()
     _check_superblocks(device, report)
     try:
-        pool = Pool.open(device, cache_bytes=8 << 20)
+        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES)
     except (NotAPool, UnsupportedFormat):
         raise
     except CorruptMetadata as e:
-        report.add("corrupt", True, f"block {e.address}", str(e))
+        report.add("corrupt", True, _corrupt_where(e), _strip_hint(str(e)))
         return report
     except DittoError as e:
         report.add("unreadable", True, "pool", str(e))
@@ -88,14 +145,45 @@ def check(device: Device) -> CheckReport:
 
 
 def _check_superblocks(device: Device, report: CheckReport) -> None:
+    """Both slots: each must hold a valid superblock of this pool, the older one the newest
+    one's predecessor. A bad slot is never fatal (the other one serves) and always repairable:
+    the next commit writes the slot that is not the newest valid one."""
     raw = device.pread(2 * SUPERBLOCK_SIZE, 0)
+    tname = BLOCK_TYPE_NAMES[BT_SUPER]
+    found: dict[int, Superblock] = {}
+    problems: dict[int, str] = {}
     for slot, off in enumerate(SUPERBLOCK_OFFSETS):
         try:
-            unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path)
-        except CorruptMetadata as e:
-            report.add("superblock", False, f"superblock slot {slot}", str(e))
+            found[slot] = unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path)
+        except CorruptMetadata:
+            problems[slot] = "fails its checksum (a torn or corrupted write)"
         except NotAPool:
-            pass  # judged by the open that follows
+            problems[slot] = "holds no superblock (zeroed or overwritten)"
+        except UnsupportedFormat:
+            return  # judged by the open that follows
+    if not found:
+        return  # the open that follows says why the pool cannot be used
+    newest = max(found.values(), key=lambda s: s.generation)
+    for slot, sb in found.items():
+        if sb is newest:
+            continue
+        if sb.pool_guid != newest.pool_guid or sb.block_size != newest.block_size:
+            problems[slot] = "is stale: it belongs to another pool that was on this disk"
+        elif sb.generation != newest.generation - 1:
+            problems[slot] = (
+                f"is stale: generation {sb.generation}, where generation "
+                f"{newest.generation - 1} should precede the newest ({newest.generation})"
+            )
+    for slot, problem in sorted(problems.items()):
+        off = SUPERBLOCK_OFFSETS[slot]
+        report.add(
+            "superblock",
+            False,
+            f"superblock slot {slot}",
+            f"superblock slot {slot} (byte {off}, {tname}) {problem}; the other slot "
+            f"(generation {newest.generation}) is good and 'snapctl check --repair' "
+            "rewrites this one",
+        )
 
 
 class _Walker:
@@ -104,16 +192,38 @@ class _Walker:
         self.report = report
         self.capacity = pool.allocator.capacity
         self.owned = bytearray((self.capacity + 7) // 8)
+        # False once a metadata block could not be read: the owned set is then incomplete, so
+        # nothing may be concluded (or repaired) about free space
+        self.complete = True
+        self.corrupt: set[int] = set()
+        self.bad_counters: list[tuple[InodeRecord, int, int]] = []
+        self.leaked: list[int] = []  # allocated, owned by nothing (known when complete)
+        self.owned_free: list[int] = []  # owned, but free in the free map
 
     def run(self) -> None:
-        try:
-            self._own_metadata()
-            self._check_tables()
-            for vol in self.pool.volumes.values():
-                self._check_volume(vol)
+        self._guard("metadata trees", self._own_metadata)
+        self._check_tables()
+        for vol in self.pool.volumes.values():
+            self._check_volume(vol)
+        if self.complete:
             self._check_ownership()
+        else:
+            self.report.stats["ownership_checked"] = 0
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> bool:
+        """Run one pass over a structure; an unreadable metadata block in it is reported (once
+        per block) and ends that pass only. False when it did."""
+        try:
+            fn()
+            return True
         except CorruptMetadata as e:
-            self.report.add("corrupt", True, f"block {e.address} ({e.block_type})", str(e))
+            self.complete = False
+            if e.address not in self.corrupt:
+                self.corrupt.add(e.address)
+                self.report.add(
+                    "corrupt", True, _corrupt_where(e), f"{what}: {_strip_hint(str(e))}"
+                )
+            return False
 
     def _own(self, block: int, owner: str) -> None:
         if block < first_data_block(self.pool.block_size) or block >= self.capacity:
@@ -149,9 +259,14 @@ class _Walker:
                 trees.append((f"snapshot {sid} map of {vol.name}", shadow.tree))
         n = 0
         for what, tree in trees:
-            for addr, _level in tree.all_node_addresses():
-                self._own(addr, f"{what} node")
-                n += 1
+
+            def walk(what: str = what, tree: RadixTree = tree) -> None:
+                nonlocal n
+                for addr, _level in tree.all_node_addresses():
+                    self._own(addr, f"{what} node")
+                    n += 1
+
+            self._guard(what, walk)
         self.report.stats["metadata_blocks"] = n
 
     def _check_tables(self) -> None:
@@ -210,25 +325,31 @@ class _Walker:
     def _check_volume(self, vol: Volume) -> None:
         pool = self.pool
         next_id = pool.sb.next_snap_id
-        owned = entries = 0
         births: dict[int, int] = {}
-        for b, e in vol.live.iter_entries():
-            entries += 1
-            where = f"volume {vol.name} block {b}"
-            if e.kind == KIND_ADDR:
-                owned += 1
-                self._own(e.addr, where)
-            elif e.kind != KIND_NONE and not (e.kind == KIND_HOLE and vol.origin is not None):
-                self.report.add("bad_entry", True, where, f"{where}: live entry of kind {e.kind}")
-            if e.birth > next_id:
-                self.report.add(
-                    "bad_birth",
-                    True,
-                    where,
-                    f"{where}: birth {e.birth} is beyond next id {next_id}",
-                )
-            births[b] = e.birth
-        self._counters(f"volume {vol.name}", vol.live.inode, owned, entries)
+
+        def walk_live() -> None:
+            owned = entries = 0
+            for b, e in vol.live.iter_entries():
+                entries += 1
+                where = f"volume {vol.name} block {b}"
+                if e.kind == KIND_ADDR:
+                    owned += 1
+                    self._own(e.addr, where)
+                elif e.kind != KIND_NONE and not (e.kind == KIND_HOLE and vol.origin is not None):
+                    self.report.add(
+                        "bad_entry", True, where, f"{where}: live entry of kind {e.kind}"
+                    )
+                if e.birth > next_id:
+                    self.report.add(
+                        "bad_birth",
+                        True,
+                        where,
+                        f"{where}: birth {e.birth} is beyond next id {next_id}",
+                    )
+                births[b] = e.birth
+            self._counters(f"volume {vol.name}", vol.live.inode, owned, entries)
+
+        live_ok = self._guard(f"volume {vol.name}'s map", walk_live)
 
         latest = vol.inode.snap_id
         active = [s for s in vol.chain if pool.snapshots[s].state == SNAP_ACTIVE]
@@ -242,30 +363,37 @@ class _Walker:
                 f"the newest active one is {expect}",
             )
         recent: set[int] = set()  # blocks with an entry in the latest or a newer snapshot
+        shadows_ok = True
         for sid in vol.chain:
             shadow = vol.shadows[sid]
-            owned = entries = 0
-            for b, e in shadow.iter_entries():
-                entries += 1
-                where = f"snapshot {sid} of {vol.name} block {b}"
-                if e.kind == KIND_ADDR:
-                    owned += 1
-                    self._own(e.addr, where)
-                elif e.kind != KIND_HOLE and not (e.kind == KIND_ORIGIN and vol.origin):
-                    self.report.add(
-                        "bad_entry", True, where, f"{where}: shadow entry of kind {e.kind}"
-                    )
-                if e.birth > sid:  # it preserves data live held when the snapshot was taken
-                    self.report.add(
-                        "bad_birth",
-                        True,
-                        where,
-                        f"{where}: preserved data born at {e.birth}, after the snapshot was taken",
-                    )
-                if latest and sid >= latest:
-                    recent.add(b)
-            self._counters(f"snapshot {sid} of {vol.name}", shadow.inode, owned, entries)
-        if latest and vol.inode.op != OP_ROLLBACK:
+
+            def walk_shadow(sid: int = sid, shadow: BlockMap = shadow) -> None:
+                owned = entries = 0
+                for b, e in shadow.iter_entries():
+                    entries += 1
+                    where = f"snapshot {sid} of {vol.name} block {b}"
+                    if e.kind == KIND_ADDR:
+                        owned += 1
+                        self._own(e.addr, where)
+                    elif e.kind != KIND_HOLE and not (e.kind == KIND_ORIGIN and vol.origin):
+                        self.report.add(
+                            "bad_entry", True, where, f"{where}: shadow entry of kind {e.kind}"
+                        )
+                    if e.birth > sid:  # it preserves data live held when the snapshot was taken
+                        self.report.add(
+                            "bad_birth",
+                            True,
+                            where,
+                            f"{where}: preserved data born at {e.birth}, after the snapshot "
+                            "was taken",
+                        )
+                    if latest and sid >= latest:
+                        recent.add(b)
+                self._counters(f"snapshot {sid} of {vol.name}", shadow.inode, owned, entries)
+
+            name = pool.snapshots[sid].name
+            shadows_ok &= self._guard(f"snapshot {sid} ({name})'s map of {vol.name}", walk_shadow)
+        if latest and vol.inode.op != OP_ROLLBACK and live_ok and shadows_ok:
             self._check_sharing(vol, latest, births, recent)
 
     def _check_sharing(
@@ -300,6 +428,7 @@ class _Walker:
         rec_owned = inode.owned_blocks
         rec_entries = inode.entry_count
         if rec_owned != owned or rec_entries != entries:
+            self.bad_counters.append((inode, owned, entries))
             self.report.add(
                 "counters",
                 False,
@@ -324,6 +453,7 @@ class _Walker:
                 ob, ab = o >> bit & 1, a >> bit & 1
                 if ob and not ab:
                     missing += 1
+                    self.owned_free.append(b)
                     if missing <= 5:
                         self.report.add(
                             "owned_free",
@@ -333,12 +463,23 @@ class _Walker:
                         )
                 elif ab and not ob:
                     leaks += 1
+                    self.leaked.append(b)
+        if missing > 5:
+            self.report.add(
+                "owned_free",
+                True,
+                "free map",
+                f"... {missing - 5} more blocks in use that the free map says free",
+            )
         if leaks:
+            shown = ", ".join(str(b) for b in self.leaked[:8]) + (", ..." if leaks > 8 else "")
             self.report.add(
                 "leak",
                 False,
                 "free map",
-                f"{leaks} blocks are allocated but owned by nothing (leaked space)",
+                f"{leaks} blocks are allocated but owned by nothing (leaked space: blocks "
+                f"{shown}); harmless, the pool can be served; 'snapctl check --repair' with "
+                "the server stopped frees them",
             )
         used = self.pool.allocator.used_blocks
         if self.pool.sb.used_blocks != used:
@@ -352,3 +493,155 @@ class _Walker:
         self.report.stats["owned_blocks"] = sum(int(x).bit_count() for x in self.owned)
         self.report.stats["leaked_blocks"] = leaks
         self.report.stats["capacity_blocks"] = self.capacity
+
+
+# --- repair -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RepairReport:
+    before: CheckReport  # what the check found
+    fixed: list[str]  # what the repair commit changed, one line each
+    after: CheckReport  # the check of the repaired pool
+
+    @property
+    def exit_code(self) -> int:
+        """fsck's: 0 nothing wrong, 1 everything found was corrected, 4 something is left."""
+        if self.before.clean:
+            return 0
+        return 1 if self.after.clean else 4
+
+    def json(self) -> dict[str, Any]:
+        return {
+            "clean": self.before.clean,
+            "repaired": bool(self.fixed),
+            "fixed": self.fixed,
+            "defects": [asdict(d) for d in self.before.defects],
+            "remaining": [asdict(d) for d in self.after.defects],
+            "stats": self.after.stats,
+            "exit_code": self.exit_code,
+        }
+
+
+def repair(device: Device) -> RepairReport:
+    """Check the pool on device (opened read-write, locked, with no server using it) and fix
+    what can be fixed without guessing, in one copy-on-write commit; then check again.
+
+    Raises NotAPool / UnsupportedFormat like check(); a pool that cannot be opened at all
+    (both superblocks bad, a table unreadable) is left untouched and reported as it is."""
+    before = check(device)
+    if before.clean:
+        return RepairReport(before, [], before)
+    try:
+        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES)
+    except DittoError:
+        return RepairReport(before, [], before)  # nothing can be fixed safely
+    walker = _Walker(pool, CheckReport())
+    walker.run()
+    fixed: list[str] = []
+    if walker.complete:
+        alloc = pool.allocator
+        sb_used = pool.sb.used_blocks
+        count_wrong = sb_used != alloc.used_blocks  # wrong before the fixes below change it
+        for b in walker.leaked:
+            alloc.free(b)  # reusable (and punched out) once the repair commit is durable
+        for b in walker.owned_free:
+            m = 1 << (b & 7)
+            alloc.state[b >> 3] |= m
+            alloc.busy[b >> 3] |= m
+            alloc.free_count -= 1
+            alloc.dirty_leaves.add(b // alloc.bits_per_leaf)
+        if walker.leaked:
+            fixed.append(f"freed {len(walker.leaked)} leaked blocks")
+        if walker.owned_free:
+            fixed.append(
+                f"marked {len(walker.owned_free)} blocks in use that the free map called free"
+            )
+        for inode, owned, entries in walker.bad_counters:
+            fixed.append(
+                f"inode {inode.ino}: block count {inode.owned_blocks} -> {owned}, entry count "
+                f"{inode.entry_count} -> {entries}"
+            )
+            inode.owned_blocks = owned
+            inode.entry_count = entries
+            pool.touch_inode(inode)
+        if count_wrong:
+            fixed.append(f"superblock used-block count {sb_used} -> {alloc.used_blocks}")
+            pool.sb_dirty = True
+    for d in before.defects:
+        if d.kind == "superblock":
+            fixed.append(f"rewrote {d.where} from the good one")
+            pool.sb_dirty = True
+    if fixed:
+        pool.commit()
+    after = check(device)
+    return RepairReport(before, fixed, after)
+
+
+# --- a pool with no server ----------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _refuse_if_in_use(device: Device) -> None:
+    """The lock on this path is ours, but the pool's in-use record may name a live server that
+    reached the same disk through another path (a second loop device, another host)."""
+    try:
+        sb = read_superblock(device)
+    except CorruptMetadata:
+        return  # no superblock to say so; the check reports why
+    if not sb.inuse_pid or sb.inuse_pid == os.getpid():
+        return
+    host = socket.gethostname()
+    if sb.inuse_host == host and not _pid_alive(sb.inuse_pid):
+        return  # a crashed server's stale record
+    where = "" if sb.inuse_host == host else f" on host {sb.inuse_host}"
+    raise PoolBusy(
+        f"{device.path} is in use by process {sb.inuse_pid}{where} (perhaps through another "
+        "path to the same disk); check it through that server, or stop it first"
+    )
+
+
+def _open_disk(path: str, readonly: bool) -> Device:
+    try:
+        device = Device(path, readonly=readonly)
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist") from None
+    except OSError as e:
+        raise DittoError(
+            f"cannot open {path}{'' if readonly else ' for writing'}: {e.strerror}"
+        ) from None
+    try:
+        device.lock()
+        _refuse_if_in_use(device)
+    except BaseException:
+        device.close()
+        raise
+    return device
+
+
+def check_disk(path: str) -> CheckReport:
+    """check() of the pool on path with no server running: opened read-only under the pool's
+    lock, so checking never changes a byte (and works on a read-only disk)."""
+    device = _open_disk(path, readonly=True)
+    try:
+        return check(device)
+    finally:
+        device.close()
+
+
+def repair_disk(path: str) -> RepairReport:
+    """repair() of the pool on path with no server running, under the pool's lock."""
+    device = _open_disk(path, readonly=False)
+    try:
+        return repair(device)
+    finally:
+        device.close()

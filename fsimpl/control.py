@@ -67,6 +67,13 @@ def _count(args: dict[str, Any], key: str) -> int:
     return v
 
 
+def _size(args: dict[str, Any]) -> int:
+    v = args.get("size")
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise InvalidArgument("argument 'size' must be a size in bytes > 0")
+    return v
+
+
 def _volume(args: dict[str, Any]) -> str:
     return _str(args, "volume", False) or DEFAULT_VOLUME
 
@@ -87,7 +94,7 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
             isinstance(vols, list) and all(isinstance(v, str) for v in vols)
         ):
             raise InvalidArgument("argument 'volumes' must be a list of volume names")
-        return snapshot_json(engine.create_snapshot(_name(args), vols))
+        return snapshot_json(engine.create_snapshot(_name(args), vols, _flag(args, "writable")))
     if op == "delete":  # {"name": N} or {"names": [N, ...]}: all or none
         names = args.get("names")
         if names is None:
@@ -130,6 +137,23 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
             _str(args, "prefix", False) or "",
             _flag(args, "dry_run"),
         )
+    if op == "volume_create":
+        return engine.create_volume(_name(args), _size(args))
+    if op == "volume_list":
+        return engine.list_volumes()
+    if op == "volume_resize":
+        return engine.resize_volume(_name(args), _size(args), _flag(args, "force"))
+    if op == "volume_delete":
+        return {"deleted": engine.delete_volume(_name(args), _flag(args, "recursive"), progress)}
+    if op == "clone":
+        return engine.clone(_name(args, "source"), _name(args))
+    if op == "flatten":
+        return engine.flatten(_name(args), progress)
+    if op == "promote":
+        return engine.promote(_name(args), progress)
+    if op == "set":
+        engine.set_writable(_name(args), _flag(args, "writable"))
+        return {}
     if op == "exports":
         return [{"name": n, "description": d} for n, d in engine.export_names()]
     raise ProtocolError(f"unknown operation '{op}'")

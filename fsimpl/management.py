@@ -313,14 +313,14 @@ class SnapshotManagement:
                     f"snapshots newer than '{name}' exist ({', '.join(r.name for r in newer)}); "
                     "delete them first, or add --destroy-newer"
                 )
-            for r in newer:
-                self._deletable(r)  # held, cloned: such a newer snapshot cannot go
             held = [r for r in newer if r.holds]
             if held:
                 raise Refused(
                     "newer snapshots are held and cannot be destroyed: "
                     + ", ".join(f"{r.name} ({', '.join(r.holds)})" for r in held)
                 )
+            for r in newer:
+                self._deletable(r)  # a cloned one cannot go either
             clients = self.connections.get(vol.ino, 0)
             if clients and not force:
                 raise Refused(

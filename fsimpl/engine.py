@@ -40,6 +40,7 @@ from .layout import (
     OP_DELETE,
     OP_FLATTEN,
     OP_NONE,
+    OP_RECEIVE,
     OP_ROLLBACK,
     SNAP_ACTIVE,
     SnapshotRecord,
@@ -48,6 +49,7 @@ from .layout import (
 from .management import Progress, SnapshotManagement
 from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
+from .replication import ReplicationOps
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
 from .volume import COW_COPY, COW_MOVE, Volume
 from .volume_mgmt import VolumeManagement
@@ -83,7 +85,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class Engine(SnapshotManagement, VolumeManagement):
+class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
     def __init__(self, device: Device, pool: Pool, cow: str, cache_bytes: int) -> None:
         if cow not in (COW_MOVE, COW_COPY):
             raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
@@ -97,6 +99,7 @@ class Engine(SnapshotManagement, VolumeManagement):
         self.claimed_pid = 0
         self.connections: dict[int, int] = {}  # volume ino -> open connections to the volume
         self.epoch = 0  # bumped whenever the pool is reloaded from disk
+        self.pins: dict[int, int] = {}  # snapshot id -> streams being sent from it
         self.failed = False
 
     # --- opening ------------------------------------------------------------------------------
@@ -408,8 +411,8 @@ class Engine(SnapshotManagement, VolumeManagement):
     def _view(vol: Volume, ex: Export) -> int | None:
         """The snapshot an export reads (None: live). While a rollback runs, live is a mix of
         old and restored blocks, so it reads through the target snapshot, exact at every step."""
-        if ex.snap_id is None and vol.inode.op == OP_ROLLBACK:
-            return vol.inode.op_target
+        if ex.snap_id is None and vol.inode.op in (OP_ROLLBACK, OP_RECEIVE):
+            return vol.inode.op_target or None
         return ex.snap_id
 
     def _range(self, ex: Export, offset: int, length: int) -> None:

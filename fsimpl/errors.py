@@ -175,6 +175,13 @@ class PermissionDenied(DittoError):
     errno = _errno.EACCES
 
 
+class StreamError(DittoError):
+    """A replication stream was refused: wrong base, truncated, corrupted, out of order or
+    unauthenticated."""
+
+    code = "stream"
+
+
 ERRORS_BY_CODE: dict[str, type[DittoError]] = {
     cls.code: cls
     for cls in (
@@ -196,5 +203,6 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         ProtocolError,
         ServerUnavailable,
         PermissionDenied,
+        StreamError,
     )
 }

@@ -23,6 +23,8 @@ peer and last common snapshot, and an in-use record (host, PID) for multihost pr
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 import struct
 import zlib
@@ -127,6 +129,11 @@ _SUPER = struct.Struct(
     "64s"  # in-use: host name
     "256s"  # peer address (standby)
     "16s"  # last common snapshot GUID (standby)
+    "16s"  # receive in progress: GUID of the snapshot being received (zeros: none)
+    "16s"  # receive in progress: GUID of its base snapshot (zeros: a full stream)
+    "Q"  # receive in progress: stream records applied and committed
+    "64s"  # receive in progress: name of the snapshot being received
+    "B"  # peer answered as primary since we were superseded (standby protocol)
 )
 assert _SUPER.size <= SUPERBLOCK_SIZE
 
@@ -157,6 +164,11 @@ class Superblock:
     inuse_host: str = ""
     peer: str = ""
     last_common_guid: bytes = bytes(16)
+    recv_to_guid: bytes = bytes(16)
+    recv_from_guid: bytes = bytes(16)
+    recv_records: int = 0
+    recv_name: str = ""
+    superseded: int = 0
     version: int = FORMAT_VERSION
 
 
@@ -192,6 +204,11 @@ def pack_superblock(sb: Superblock) -> bytes:
         sb.inuse_host.encode()[:64],
         sb.peer.encode()[:256],
         sb.last_common_guid,
+        sb.recv_to_guid,
+        sb.recv_from_guid,
+        sb.recv_records,
+        sb.recv_name.encode()[:64],
+        sb.superseded,
     )
     struct.pack_into("<I", buf, 0, _crc(buf, BT_SUPER))
     return bytes(buf)
@@ -241,6 +258,11 @@ def unpack_superblock(buf: bytes | bytearray, where: str) -> Superblock:
         inuse_host=f[24].rstrip(b"\0").decode(errors="replace"),
         peer=f[25].rstrip(b"\0").decode(errors="replace"),
         last_common_guid=f[26],
+        recv_to_guid=f[27],
+        recv_from_guid=f[28],
+        recv_records=f[29],
+        recv_name=f[30].rstrip(b"\0").decode(errors="replace"),
+        superseded=f[31],
     )
 
 
@@ -456,6 +478,8 @@ OP_NONE = 0
 OP_ROLLBACK = 1  # live is being restored to op_target
 OP_DELETE = 2  # the volume (and its shadows) are being freed
 OP_FLATTEN = 3  # a clone is copying its origin's blocks (op_target: next block to look at)
+OP_RECEIVE = 4  # a replication stream is being applied (op_target: the base snapshot, read
+#                 by the volume's exports meanwhile; 0 for a full stream)
 
 
 @dataclass
@@ -621,3 +645,82 @@ def write_snapshot(buf: bytearray, index: int, r: SnapshotRecord | None) -> None
 
 def bitmap_bits_per_block(block_size: int) -> int:
     return (block_size - HEADER_SIZE) * 8
+
+
+# --- replication streams -----------------------------------------------------------------------
+#
+# A stream is a sequence of records: a 24-byte header (magic, type, flags, payload length,
+# sequence number), the payload, then a CRC-32 of header and payload and, when the stream is
+# keyed, an HMAC-SHA256 of the same bytes. BEGIN and END carry JSON (self-describing and
+# versioned); DATA carries whole blocks of one volume; HOLE a run of blocks that read zeros.
+
+STREAM_MAGIC = b"DSTR"
+STREAM_VERSION = 1
+REC_BEGIN, REC_DATA, REC_HOLE, REC_END = 1, 2, 3, 4
+RECF_MAC = 0x01
+MAC_SIZE = 32
+MAX_RECORD_PAYLOAD = (1 << 20) + 64
+
+STREAM_HEADER = struct.Struct("<4sHHIQ4x")  # magic, type, flags, payload length, sequence
+STREAM_TRAILER = struct.Struct("<I")  # CRC-32 of header + payload
+DATA_HEAD = struct.Struct("<IQI")  # volume index, first block, blocks
+HOLE_BODY = struct.Struct("<IQQ")  # volume index, first block, blocks
+assert STREAM_HEADER.size == 24
+
+
+class StreamRecord(NamedTuple):
+    rtype: int
+    seq: int
+    payload: bytes
+
+
+def pack_record(rtype: int, seq: int, payload: bytes, mac_key: bytes | None) -> bytes:
+    flags = RECF_MAC if mac_key else 0
+    head = STREAM_HEADER.pack(STREAM_MAGIC, rtype, flags, len(payload), seq)
+    body = head + payload
+    out = body + STREAM_TRAILER.pack(zlib.crc32(body) & 0xFFFFFFFF)
+    if mac_key:
+        out += hmac.new(mac_key, body, hashlib.sha256).digest()
+    return out
+
+
+def unpack_record_header(head: bytes) -> tuple[int, int, int, int]:
+    """(type, flags, payload length, sequence) of a record header; ValueError if malformed."""
+    magic, rtype, flags, length, seq = STREAM_HEADER.unpack(head)
+    if magic != STREAM_MAGIC:
+        raise ValueError("not a dittofs stream record (bad magic)")
+    if length > MAX_RECORD_PAYLOAD:
+        raise ValueError(f"record payload of {length} bytes is larger than any dittofs writes")
+    return rtype, flags, length, seq
+
+
+def check_record(
+    head: bytes, payload: bytes, trailer: bytes, mac: bytes, mac_key: bytes | None
+) -> None:
+    """Verify a record's CRC and MAC; ValueError naming what failed."""
+    body = head + payload
+    (crc,) = STREAM_TRAILER.unpack(trailer)
+    if crc != zlib.crc32(body) & 0xFFFFFFFF:
+        raise ValueError("record checksum mismatch (corrupted stream)")
+    if mac_key is not None:
+        want = hmac.new(mac_key, body, hashlib.sha256).digest()
+        if not hmac.compare_digest(want, mac):
+            raise ValueError("record MAC mismatch (wrong key or tampered stream)")
+
+
+def pack_data_head(vol_index: int, first: int, count: int) -> bytes:
+    return DATA_HEAD.pack(vol_index, first, count)
+
+
+def unpack_data_head(payload: bytes) -> tuple[int, int, int]:
+    v, f, n = DATA_HEAD.unpack_from(payload, 0)
+    return int(v), int(f), int(n)
+
+
+def pack_hole(vol_index: int, first: int, count: int) -> bytes:
+    return HOLE_BODY.pack(vol_index, first, count)
+
+
+def unpack_hole(payload: bytes) -> tuple[int, int, int]:
+    v, f, n = HOLE_BODY.unpack(payload)
+    return int(v), int(f), int(n)

@@ -73,6 +73,7 @@ class SnapshotManagement:
         device: Device
         cow: str
         connections: dict[int, int]
+        pins: dict[int, int]
 
         def _commit(self) -> bool: ...
         def _run_steps(
@@ -151,6 +152,8 @@ class SnapshotManagement:
     # --- delete and prune ---------------------------------------------------------------------
 
     def _deletable(self, rec: SnapshotRecord) -> None:
+        if self.pins.get(rec.id):
+            raise Refused(f"snapshot '{rec.name}' is being sent; try again when the send ends")
         for vol in self.pool.volumes.values():
             if vol.inode.op == OP_ROLLBACK and vol.inode.op_target == rec.id:
                 raise Refused(

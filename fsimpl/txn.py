@@ -240,14 +240,17 @@ class Pool:
         self.touch_inode(rec)
         return vol
 
-    def create_snapshot(self, name: str, vols: list[Volume], flags: int = 0) -> SnapshotRecord:
-        """A new, empty snapshot of vols: O(len(vols)) whatever their size."""
+    def create_snapshot(
+        self, name: str, vols: list[Volume], flags: int = 0, guid: bytes | None = None
+    ) -> SnapshotRecord:
+        """A new, empty snapshot of vols: O(len(vols)) whatever their size. (A received
+        snapshot keeps the sender's GUID.)"""
         sid = self.sb.next_snap_id
         self.sb.next_snap_id += 1
         now = time.time_ns()
         rec = SnapshotRecord(
             id=sid,
-            guid=uuid.uuid4().bytes,
+            guid=guid or uuid.uuid4().bytes,
             name=name,
             created_ns=now,
             flags=flags,

@@ -10,7 +10,14 @@ import sys
 
 import click
 
-from . import attach, pool_cmds, serve, snapshot_cmds, volume_cmds  # noqa: F401  (they register)
+from . import (  # noqa: F401  (they register their commands)
+    attach,
+    pool_cmds,
+    replication_cmds,
+    serve,
+    snapshot_cmds,
+    volume_cmds,
+)
 from .app import main
 
 __all__ = ["entry", "main"]

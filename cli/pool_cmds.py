@@ -1,15 +1,17 @@
-"""snapctl pool commands: format and info."""
+"""snapctl pool commands: format, info and check."""
 
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 from typing import Any
 
 import click
 
-from fsimpl import rundir
+from fsimpl import checker, rundir
 from fsimpl.engine import Engine
+from fsimpl.errors import DittoError, NotFound, Refused
 from fsimpl.layout import DEFAULT_BLOCK_SIZE
 
 from .app import Context, main, run
@@ -68,38 +70,99 @@ def info(obj: Context, as_json: bool) -> None:
     run(body)
 
 
-@main.command(epilog="Example: snapctl -d pool.img check --json")
+@main.command(epilog="Example: snapctl -d pool.img check --repair")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Fix what can be fixed without guessing (leaked blocks, free-map mismatches, "
+    "counters, a bad superblock slot), as one new commit. Needs the server stopped.",
+)
 @click.pass_obj
-def check(obj: Context, as_json: bool) -> None:
+def check(obj: Context, as_json: bool, repair: bool) -> None:
     """Verify the pool's committed state: checksums, ownership, free space, snapshot sharing.
 
-    Exit 0 when clean, 4 when it found defects (leaks alone are reported but harmless),
-    8 when the check could not run.
+    Through the running server if there is one, else on the disk itself (read-only, under the
+    pool's lock). Exit codes as fsck's: 0 clean, 1 errors found and all corrected (--repair),
+    4 errors left uncorrected (leaks alone are reported but harmless: the pool still serves),
+    8 the check could not run (no pool, unknown format, server busy or unreachable).
     """
-
-    def body() -> None:
-        with obj.client() as c:
-            report = c.call("check")
-        if as_json:
-            click.echo(json.dumps(report, indent=2))
-        else:
-            for d in report["defects"]:
-                click.echo(f"{'ERROR' if d['fatal'] else 'warning'}: {d['message']}")
-            stats = report["stats"]
-            verdict = "clean" if report["clean"] else f"{len(report['defects'])} defect(s)"
-            click.echo(
-                f"{verdict}: {stats.get('volumes', 0)} volume(s), "
-                f"{stats.get('snapshots', 0)} snapshot(s), "
-                f"{stats.get('metadata_blocks', 0)} metadata blocks, "
-                f"{stats.get('owned_blocks', 0)} blocks in use"
-            )
-        if not report["clean"]:
-            sys.exit(4)
-
     try:
-        run(body)
-    except SystemExit as e:
-        if e.code not in (0, 4, None):
-            sys.exit(8)  # fsck's "operational error": the check itself could not run
-        raise
+        code = _check(obj, as_json, repair)
+    except DittoError as e:
+        if obj.debug:
+            traceback.print_exc()
+        click.echo(f"snapctl: {e}", err=True)
+        sys.exit(8)  # fsck's "operational error": the check itself could not run
+    except KeyboardInterrupt:
+        click.echo("snapctl: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _check(obj: Context, as_json: bool, repair: bool) -> int:
+    disk = obj.disk
+    control = obj.control
+    state = rundir.read_state(disk) if disk and not control else None
+    if control or (state and state.get("control")):
+        if repair:
+            pid = f"process {state['pid']}" if state and state.get("pid") else "a server"
+            raise Refused(
+                f"the pool is being served by {pid}: --repair needs the pool to itself. "
+                "Stop the server first (then run 'snapctl -d DISK check --repair'); "
+                "'snapctl check' without --repair checks it through the server"
+            )
+        with obj.client() as c:
+            report: dict[str, Any] = c.call("check")
+        _show_report(report, as_json)
+        return 0 if report["clean"] else 4
+    if not disk:
+        raise NotFound("no pool given: use -d DISK (or set DITTOFS_DISK)")
+    if not repair:
+        report = checker.report_json(checker.check_disk(disk))
+        _show_report(report, as_json)
+        return 0 if report["clean"] else 4
+    result = checker.repair_disk(disk)
+    if as_json:
+        click.echo(json.dumps(result.json(), indent=2))
+        return result.exit_code
+    for d in result.before.defects:
+        click.echo(f"{'ERROR' if d.fatal else 'warning'}: {d.message}")
+    for line in result.fixed:
+        click.echo(f"fixed: {line}")
+    for d in result.after.defects:
+        click.echo(f"not fixed: {d.message}")
+    stats = result.after.stats
+    if result.exit_code == 0:
+        verdict = "clean, nothing to repair"
+    elif result.exit_code == 1:
+        verdict = f"repaired: {len(result.before.defects)} defect(s) corrected, now clean"
+    else:
+        verdict = f"{len(result.after.defects)} defect(s) left uncorrected" + (
+            " (nothing was changed)" if not result.fixed else ""
+        )
+    click.echo(f"{verdict}: {_summary(stats)}")
+    return result.exit_code
+
+
+def _summary(stats: dict[str, Any]) -> str:
+    return (
+        f"{stats.get('volumes', 0)} volume(s), {stats.get('snapshots', 0)} snapshot(s), "
+        f"{stats.get('metadata_blocks', 0)} metadata blocks, "
+        f"{stats.get('owned_blocks', 0)} blocks in use"
+    )
+
+
+def _show_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for d in report["defects"]:
+        click.echo(f"{'ERROR' if d['fatal'] else 'warning'}: {d['message']}")
+    if report["clean"]:
+        verdict = "clean"
+    elif not report["fatal"]:
+        verdict = f"{len(report['defects'])} harmless defect(s) ('snapctl check --repair' fixes)"
+    else:
+        verdict = f"{len(report['defects'])} defect(s), {report['fatal']} fatal"
+    click.echo(f"{verdict}: {_summary(report['stats'])}")

@@ -26,7 +26,11 @@ class PoolClient(ABC):
 
     @abstractmethod
     def call(
-        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        fd: int | None = None,
     ) -> Any:
         """Run one operation (control.dispatch's names); raise DittoError on failure."""
 
@@ -59,12 +63,22 @@ class SocketClient(PoolClient):
         self.ids = itertools.count(1)
 
     def call(
-        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        fd: int | None = None,
     ) -> Any:
         rid = next(self.ids)
-        msg = json.dumps({"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": args or {}})
+        req: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": rid, "op": op, "args": args or {}}
+        if fd is not None:
+            req["fd"] = True
+        msg = json.dumps(req).encode() + b"\n"
         try:
-            self.file.write(msg.encode() + b"\n")
+            if fd is None:
+                self.file.write(msg)
+            else:  # the descriptor rides along with the request (SCM_RIGHTS)
+                socket.send_fds(self.sock, [msg], [fd])
             while True:
                 line = self.file.readline(MAX_MESSAGE + 1)
                 if not line:
@@ -102,9 +116,13 @@ class DirectClient(PoolClient):
         self.engine = engine
 
     def call(
-        self, op: str, args: dict[str, Any] | None = None, progress: Progress | None = None
+        self,
+        op: str,
+        args: dict[str, Any] | None = None,
+        progress: Progress | None = None,
+        fd: int | None = None,
     ) -> Any:
-        result = dispatch(self.engine, op, args or {}, progress)
+        result = dispatch(self.engine, op, args or {}, progress, fd)
         return json.loads(json.dumps(result))  # the same shapes the socket would deliver
 
     def close(self) -> None:

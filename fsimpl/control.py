@@ -78,8 +78,15 @@ def _volume(args: dict[str, Any]) -> str:
     return _str(args, "volume", False) or DEFAULT_VOLUME
 
 
-def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress | None) -> Any:
-    """Run one management operation; raises DittoError on failure."""
+def dispatch(
+    engine: Engine,
+    op: str,
+    args: dict[str, Any],
+    progress: Progress | None,
+    fd: int | None = None,
+) -> Any:
+    """Run one management operation; raises DittoError on failure. fd: a file descriptor the
+    caller passed along, for the streaming operations (send writes to it, receive reads it)."""
     if op == "hello":
         return {"protocol": PROTOCOL_VERSION, "pid": os.getpid()}
     if op == "info":
@@ -154,9 +161,38 @@ def dispatch(engine: Engine, op: str, args: dict[str, Any], progress: Progress |
     if op == "set":
         engine.set_writable(_name(args), _flag(args, "writable"))
         return {}
+    if op in ("send", "receive"):
+        return _stream(engine, op, args, progress, fd)
+    if op == "resume_token":
+        return {"token": engine.resume_token()}
+    if op == "receive_abort":
+        return engine.abort_receive()
+    if op == "send_size":
+        return engine.stream_size(_str(args, "from", False), _name(args, "to"))
     if op == "exports":
         return [{"name": n, "description": d} for n, d in engine.export_names()]
     raise ProtocolError(f"unknown operation '{op}'")
+
+
+def _stream(
+    engine: Engine, op: str, args: dict[str, Any], progress: Progress | None, fd: int | None
+) -> Any:
+    if fd is None:
+        raise ProtocolError(f"'{op}' needs a file descriptor passed with the request")
+    key = _str(args, "key", False)
+    mac_key = bytes.fromhex(key) if key else None
+    if op == "send":
+        with os.fdopen(os.dup(fd), "wb") as sink:
+            return engine.send(
+                _str(args, "from", False),
+                _str(args, "to", False) or "",
+                sink,
+                mac_key,
+                _str(args, "resume", False),
+                progress,
+            )
+    with os.fdopen(os.dup(fd), "rb") as source:
+        return engine.receive(source, mac_key, _flag(args, "force"), progress)
 
 
 def error_json(e: DittoError) -> dict[str, Any]:
@@ -222,7 +258,7 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            f = conn.makefile("rwb", buffering=0)
+            f = _Channel(conn)
             if not self._peer_allowed(conn):
                 denied = PermissionDenied(
                     "only root or the user running the server may manage this pool"
@@ -232,20 +268,26 @@ class ControlServer:
                     {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(denied)},
                 )
                 return
-            while not self.stopping:
-                line = f.readline(MAX_MESSAGE + 1)
-                if not line:
-                    return
-                if len(line) > MAX_MESSAGE:
-                    err = ProtocolError(f"message longer than {MAX_MESSAGE} bytes; closing")
-                    _send(
-                        f,
-                        {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(err)},
-                    )
-                    return
-                self._handle(conn, f, line)
+            try:
+                while not self.stopping:
+                    line = f.readline(MAX_MESSAGE + 1)
+                    if not line:
+                        return
+                    if len(line) > MAX_MESSAGE:
+                        err = ProtocolError(f"message longer than {MAX_MESSAGE} bytes; closing")
+                        msg = {
+                            "v": PROTOCOL_VERSION,
+                            "id": None,
+                            "ok": False,
+                            "error": error_json(err),
+                        }
+                        _send(f, msg)
+                        return
+                    self._handle(conn, f, line)
+            finally:
+                f.close_fds()
 
-    def _handle(self, conn: socket.socket, f: Any, line: bytes) -> None:
+    def _handle(self, conn: socket.socket, f: _Channel, line: bytes) -> None:
         rid: Any = None
         try:
             try:
@@ -275,7 +317,12 @@ class ControlServer:
                     }
                     _send(f, msg)
 
-            result = dispatch(self.engine, op, args, progress)
+            fd = f.take_fd() if req.get("fd") else None
+            try:
+                result = dispatch(self.engine, op, args, progress, fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": True, "result": result})
         except DittoError as e:
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(e)})
@@ -283,6 +330,39 @@ class ControlServer:
             self.log(f"control: internal error: {e!r}")
             err = DittoError(f"internal error in the server: {e!r}")
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(err)})
+
+
+class _Channel:
+    """One control connection: JSON lines in, with file descriptors riding along (SCM_RIGHTS)
+    for operations that stream (send to a pipe, receive from one)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.fds: list[int] = []
+
+    def readline(self, limit: int) -> bytes:
+        while b"\n" not in self.buf and len(self.buf) < limit:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 4)
+            self.fds.extend(fds)
+            if not data:
+                return b""
+            self.buf += data
+        line, sep, self.buf = self.buf.partition(b"\n")
+        return line + sep
+
+    def take_fd(self) -> int:
+        if not self.fds:
+            raise ProtocolError("the request announced a file descriptor but none came with it")
+        return self.fds.pop(0)
+
+    def write(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close_fds(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
 
 
 def _send(f: Any, obj: dict[str, Any]) -> None:

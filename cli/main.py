@@ -16,6 +16,7 @@ from . import (  # noqa: F401  (they register their commands)
     replication_cmds,
     serve,
     snapshot_cmds,
+    standby_cmds,
     volume_cmds,
 )
 from .app import main

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+from . import standby
 from .engine import Engine
 from .errors import DittoError, InvalidArgument, PermissionDenied, ProtocolError
 from .management import DEFAULT_HOLD_TAG, Progress, SnapshotInfo
@@ -169,6 +170,8 @@ def dispatch(
         return engine.abort_receive()
     if op == "send_size":
         return engine.stream_size(_str(args, "from", False), _name(args, "to"))
+    if op.startswith("standby_"):
+        return _standby(engine, op, args, fd)
     if op == "exports":
         return [{"name": n, "description": d} for n, d in engine.export_names()]
     raise ProtocolError(f"unknown operation '{op}'")
@@ -193,6 +196,42 @@ def _stream(
             )
     with os.fdopen(os.dup(fd), "rb") as source:
         return engine.receive(source, mac_key, _flag(args, "force"), progress)
+
+
+def _standby(engine: Engine, op: str, args: dict[str, Any], fd: int | None) -> Any:
+    if op == "standby_status":
+        return standby.status_with_lag(engine)
+    identity = _str(args, "identity") or ""
+    key = bytes.fromhex(_str(args, "key") or "")
+    me = _str(args, "me", False) or (engine.endpoint.address if engine.endpoint else "")
+    if op == "standby_serve":
+        if engine.endpoint is None:
+            engine.endpoint = standby.ReplicationEndpoint(
+                engine, _name(args, "listen"), identity, key
+            )
+            engine.endpoint.start()
+        return {"listen": engine.endpoint.address}
+    if op == "standby_attach":
+        return standby.attach(
+            engine, _name(args, "address"), identity, key, me, _flag(args, "force")
+        )
+    if op == "standby_sync":
+        return standby.sync(engine, identity, key)
+    if op == "standby_promote":
+        return standby.promote(engine, identity, key, _flag(args, "force"))
+    if op == "standby_failback":
+        return standby.failback(engine, identity, key, me, _flag(args, "force"))
+    if op == "standby_demote":
+        if fd is None:
+            return standby.demote(engine, identity, key)
+
+        def save(base: str, tip: str) -> None:
+            assert fd is not None
+            with os.fdopen(os.dup(fd), "wb") as sink:
+                engine.send(base, tip, sink)
+
+        return standby.demote(engine, identity, key, save)
+    raise ProtocolError(f"unknown operation '{op}'")
 
 
 def error_json(e: DittoError) -> dict[str, Any]:

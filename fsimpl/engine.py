@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from . import snapshots as snapops
 from . import writable
@@ -42,6 +43,7 @@ from .layout import (
     OP_NONE,
     OP_RECEIVE,
     OP_ROLLBACK,
+    ROLE_STANDBY,
     SNAP_ACTIVE,
     SnapshotRecord,
     check_block_size,
@@ -100,6 +102,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         self.connections: dict[int, int] = {}  # volume ino -> open connections to the volume
         self.epoch = 0  # bumped whenever the pool is reloaded from disk
         self.pins: dict[int, int] = {}  # snapshot id -> streams being sent from it
+        self.endpoint: Any = None  # the standby replication endpoint, when this process runs one
         self.failed = False
 
     # --- opening ------------------------------------------------------------------------------
@@ -346,6 +349,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         with self.lock:
             parsed = parse_export(name)
             vol = self.volume(parsed.volume)
+            readonly = readonly or self._is_standby()
             if parsed.snapshot is None:
                 if client:
                     self.connections[vol.ino] = self.connections.get(vol.ino, 0) + 1
@@ -422,8 +426,21 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 f"({ex.size} bytes)"
             )
 
+    def _is_standby(self) -> bool:
+        sb = self.pool.sb
+        return sb.role == ROLE_STANDBY or bool(sb.superseded)
+
     def _writable(self, ex: Export) -> Volume:
         vol = self._volume_for(ex)
+        if self._is_standby():
+            raise ReadOnlyExport(
+                f"export {ex.name} is read-only: this pool is a standby (fed by its primary)"
+                + (
+                    " and was superseded: 'snapctl standby demote'"
+                    if self.pool.sb.superseded
+                    else "; 'snapctl standby promote' makes it writable"
+                )
+            )
         if ex.readonly or (ex.snap_id is not None and ex.snap_id not in vol.writable):
             raise ReadOnlyExport(
                 f"export {ex.name} is read-only"

@@ -28,6 +28,7 @@ from .layout import (
     ROLE_NAMES,
     SNAP_ACTIVE,
     SNAP_DELETING,
+    SNAPF_REPLICATION,
     SNAPF_WRITABLE,
     SnapshotRecord,
 )
@@ -90,7 +91,11 @@ class SnapshotManagement:
             raise NameTaken(f"a snapshot named '{name}' already exists; pick another name")
 
     def create_snapshot(
-        self, name: str, volumes: list[str] | None = None, writable: bool = False
+        self,
+        name: str,
+        volumes: list[str] | None = None,
+        writable: bool = False,
+        replication: bool = False,
     ) -> SnapshotInfo:
         """A new snapshot of the volumes (all of them by default, in one transaction: one point
         in time for all, a consistency group); writable snapshots export read-write."""
@@ -106,7 +111,8 @@ class SnapshotManagement:
             for vol in vols:
                 if vol.inode.op not in (OP_NONE, OP_FLATTEN):
                     raise Refused(f"volume {vol.name} is being rolled back; try again after")
-            rec = self.pool.create_snapshot(name, vols, SNAPF_WRITABLE if writable else 0)
+            flags = (SNAPF_WRITABLE if writable else 0) | (SNAPF_REPLICATION if replication else 0)
+            rec = self.pool.create_snapshot(name, vols, flags)
             if writable:
                 for vol in vols:
                     vol.writable.add(rec.id)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import snapshots as snapops
 from .errors import InvalidArgument, NotFound, Refused, StreamError
@@ -37,6 +37,7 @@ from .layout import (
     REC_HOLE,
     RECF_MAC,
     SNAP_ACTIVE,
+    SNAPF_REPLICATION,
     SNAPF_WRITABLE,
     STREAM_HEADER,
     STREAM_TRAILER,
@@ -56,6 +57,17 @@ if TYPE_CHECKING:
     from .txn import Pool
 
 Progress = Callable[[int, int], None]
+
+
+class ByteSink(Protocol):
+    def write(self, data: bytes, /) -> Any: ...
+    def flush(self) -> Any: ...
+
+
+class ByteSource(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
 BLOCKS_PER_RECORD_BYTES = 1 << 20
 COMMIT_EVERY = 64  # records between progress commits while receiving
 
@@ -177,6 +189,7 @@ class ReplicationOps:
             "created_ns": to.created_ns,
             "volumes": [{"name": v.name, "size": v.shadows[to.id].inode.size} for v in vols],
             "records": len(pieces) + 2,
+            "replication": bool(to.flags & SNAPF_REPLICATION),
         }
         return begin, pieces
 
@@ -210,7 +223,7 @@ class ReplicationOps:
         self,
         from_name: str | None,
         to_name: str,
-        sink: BinaryIO,
+        sink: ByteSink,
         mac_key: bytes | None = None,
         resume: str | None = None,
         progress: Progress | None = None,
@@ -278,7 +291,7 @@ class ReplicationOps:
 
     def receive(
         self,
-        source: BinaryIO,
+        source: ByteSource,
         mac_key: bytes | None = None,
         force: bool = False,
         progress: Progress | None = None,
@@ -446,7 +459,8 @@ class ReplicationOps:
             vol.inode.op = OP_NONE
             vol.inode.op_target = 0
             pool.touch_inode(vol.inode)
-        rec = pool.create_snapshot(begin["to_name"], vols, 0, bytes.fromhex(begin["to_guid"]))
+        flags = SNAPF_REPLICATION if begin.get("replication") else 0
+        rec = pool.create_snapshot(begin["to_name"], vols, flags, bytes.fromhex(begin["to_guid"]))
         rec.created_ns = int(begin["created_ns"])
         sb = pool.sb
         sb.recv_to_guid = sb.recv_from_guid = bytes(16)
@@ -491,7 +505,7 @@ class ReplicationOps:
 class _Reader:
     """Records from a byte stream, checked (CRC, MAC when keyed, framing)."""
 
-    def __init__(self, source: BinaryIO, mac_key: bytes | None) -> None:
+    def __init__(self, source: ByteSource, mac_key: bytes | None) -> None:
         self.source = source
         self.mac_key = mac_key
         self.started = time.monotonic()

@@ -1,0 +1,631 @@
+"""Standby pools (FIG. 15A-15D): the replication endpoint, its peer protocol and the roles.
+
+Two pools share a pre-shared key (nbdkit's PSK file format). Every connection starts with a
+mutual challenge-response: each side proves it holds the key by a MAC over both nonces, and both
+derive a session key from it. Every message after that carries a MAC under the session key and
+a sequence number, and streamed records are MAC'd with it too, so an unauthenticated, replayed
+or tampered connection is refused before it changes anything.
+
+Roles live in the superblock: `none` (a primary without a peer), `primary` (live writable, feeds
+the peer) and `standby` (live read-only, fed by streams). The primary drives replication:
+  attach   snapshot, find the newest snapshot both pools hold (by GUID), send the change since
+           it (everything when none), and make the peer the standby;
+  sync     snapshot N+1, send N -> N+1; older replication snapshots go on both sides once a
+           newer common one exists (the common one is held on both sides);
+  failback final snapshot, send it, become the standby and make the peer primary (FIG. 15D).
+The standby's side:
+  promote  when the primary is lost: live goes back to the last complete snapshot and the pool
+           becomes primary (refused while the old primary still answers as primary);
+  demote   on a returning old primary: live goes back to the last snapshot the peer holds
+           (optionally saving what it discards as a stream file) and it becomes a standby.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    DittoError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Refused,
+    ServerUnavailable,
+    StreamError,
+)
+from .layout import (
+    ROLE_NAMES,
+    ROLE_PRIMARY,
+    ROLE_STANDBY,
+    SNAP_ACTIVE,
+    SNAPF_REPLICATION,
+)
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+REPLICATION_HOLD = "replication"
+_FRAME = struct.Struct("<IQ")  # payload length, sequence
+_MAX_FRAME = 1 << 20
+_TIMEOUT = 30.0
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"\0".join(parts), hashlib.sha256).digest()
+
+
+class PeerConnection:
+    """An authenticated connection: JSON messages and raw stream bytes, both under MAC."""
+
+    def __init__(self, sock: socket.socket, key: bytes, identity: str, server: bool) -> None:
+        self.sock = sock
+        self.file = sock.makefile("rwb", buffering=0)
+        self.key = key
+        self.identity = identity
+        self.server = server
+        self.session = b""
+        self.sent = 0
+        self.received = 0
+
+    # the handshake: nonces both ways, a MAC from each side over both, a session key from both
+    def handshake(self) -> None:
+        mine = os.urandom(32)
+        try:
+            if self.server:
+                theirs = self._raw_read(32)
+                self._raw_write(mine + _mac(self.key, b"server", theirs, mine))
+                proof = self._raw_read(32)
+                if not hmac.compare_digest(proof, _mac(self.key, b"client", mine, theirs)):
+                    raise PermissionDenied("the peer does not hold the replication key")
+                client_nonce, server_nonce = theirs, mine
+            else:
+                self._raw_write(mine)
+                reply = self._raw_read(64)
+                theirs, proof = reply[:32], reply[32:]
+                if not hmac.compare_digest(proof, _mac(self.key, b"server", mine, theirs)):
+                    raise PermissionDenied(
+                        "the peer does not hold the replication key (or is not a dittofs "
+                        "replication endpoint)"
+                    )
+                self._raw_write(_mac(self.key, b"client", theirs, mine))
+                client_nonce, server_nonce = mine, theirs
+        except EOFError:
+            raise PermissionDenied(
+                "the peer closed the connection during authentication (wrong key?)"
+            ) from None
+        self.session = _mac(self.key, b"session", client_nonce, server_nonce)
+
+    def _raw_write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def _raw_read(self, n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = self.file.read(n - len(out))
+            if not chunk:
+                raise EOFError
+            out += chunk
+        return out
+
+    def send(self, obj: dict[str, Any]) -> None:
+        payload = json.dumps(obj).encode()
+        head = _FRAME.pack(len(payload), self.sent)
+        direction = b"s" if self.server else b"c"
+        self.file.write(head + payload + _mac(self.session, direction, head, payload))
+        self.sent += 1
+
+    def recv(self) -> dict[str, Any]:
+        try:
+            head = self._raw_read(_FRAME.size)
+        except EOFError:
+            raise ServerUnavailable("the peer closed the connection") from None
+        length, seq = _FRAME.unpack(head)
+        if length > _MAX_FRAME or seq != self.received:
+            raise StreamError("a message from the peer is out of sequence or too large")
+        payload = self._raw_read(length)
+        mac = self._raw_read(32)
+        direction = b"c" if self.server else b"s"
+        if not hmac.compare_digest(mac, _mac(self.session, direction, head, payload)):
+            raise StreamError("a message from the peer failed its MAC (tampered connection)")
+        self.received += 1
+        data: dict[str, Any] = json.loads(payload)
+        return data
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self.send({"op": op, **args})
+        reply = self.recv()
+        if not reply.get("ok"):
+            raise DittoError(f"the peer refused '{op}': {reply.get('error', '?')}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise InvalidArgument(f"'{address}' is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def connect_peer(address: str, identity: str, key: bytes) -> PeerConnection:
+    host, port = parse_address(address)
+    try:
+        sock = socket.create_connection((host, port), timeout=_TIMEOUT)
+    except OSError as e:
+        raise ServerUnavailable(f"cannot reach the peer at {address}: {e.strerror or e}") from None
+    conn = PeerConnection(sock, key, identity, server=False)
+    conn.handshake()
+    return conn
+
+
+# --- the endpoint (runs on either pool) ------------------------------------------------------
+
+
+class ReplicationEndpoint:
+    """Accepts authenticated peers and serves status, receive, prune and role changes."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        listen: str,
+        identity: str,
+        key: bytes,
+        log: Callable[[str], None] = lambda m: None,
+    ) -> None:
+        self.engine = engine
+        self.identity = identity
+        self.key = key
+        self.log = log
+        host, port = parse_address(listen)
+        self.sock = socket.create_server((host, port), reuse_port=False)
+        self.address = f"{host}:{self.sock.getsockname()[1]}"
+        self.stopping = False
+        self.thread = threading.Thread(target=self._accept, name="dittofs-standby", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+    def serve_forever(self) -> None:
+        self._accept()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                s, addr = self.sock.accept()
+            except OSError:
+                if self.stopping:
+                    return
+                continue
+            s.settimeout(_TIMEOUT * 4)
+            threading.Thread(target=self._serve, args=(s, addr), daemon=True).start()
+
+    def _serve(self, s: socket.socket, addr: Any) -> None:
+        conn = PeerConnection(s, self.key, self.identity, server=True)
+        try:
+            conn.handshake()
+            while True:
+                try:
+                    req = conn.recv()
+                except ServerUnavailable:
+                    return
+                try:
+                    result = self._handle(conn, req)
+                    conn.send({"ok": True, **result})
+                except DittoError as e:
+                    conn.send({"ok": False, "error": str(e), "code": e.code})
+        except (DittoError, OSError, ValueError) as e:
+            self.log(f"standby: connection from {addr[0]} refused or lost: {e}")
+        finally:
+            conn.close()
+
+    def _handle(self, conn: PeerConnection, req: dict[str, Any]) -> dict[str, Any]:
+        op = req.get("op")
+        engine = self.engine
+        if op == "status":
+            return status(engine)
+        if op == "receive":
+            result = engine.receive(_StreamSource(conn), conn.session, bool(req.get("force")))
+            with engine.lock:
+                rec = engine.snapshot_by_guid(bytes.fromhex(result["guid"]))
+                _hold(engine, rec.name)
+                _set_common(engine, rec.guid)
+            return {"received": result}
+        if op == "retire":  # older replication snapshots: the peer holds a newer common one
+            keep = bytes.fromhex(str(req["keep"]))
+            return {"deleted": retire_older(engine, keep)}
+        if op == "set_role":
+            role = {v: k for k, v in ROLE_NAMES.items()}.get(str(req.get("role")), -1)
+            if role < 0:
+                raise InvalidArgument(f"unknown role {req.get('role')!r}")
+            set_role(engine, role, str(req.get("peer", "")))
+            return {"role": ROLE_NAMES[role]}
+        raise InvalidArgument(f"unknown standby operation {op!r}")
+
+
+class _StreamSource:
+    """Raw stream bytes straight off the authenticated socket (records carry their own MAC)."""
+
+    def __init__(self, conn: PeerConnection) -> None:
+        self.conn = conn
+
+    def read(self, n: int) -> bytes:
+        return self.conn.file.read(n) or b""
+
+
+class _StreamSink:
+    def __init__(self, conn: PeerConnection) -> None:
+        self.conn = conn
+
+    def write(self, data: bytes) -> None:
+        self.conn.file.write(data)
+
+    def flush(self) -> None:
+        pass
+
+
+# --- pool-side state ---------------------------------------------------------------------------
+
+
+def status(engine: Engine) -> dict[str, Any]:
+    with engine.lock:
+        sb = engine.pool.sb
+        snaps = sorted(
+            (r for r in engine.pool.snapshots.values() if r.state == SNAP_ACTIVE),
+            key=lambda r: r.id,
+        )
+        common = next((r for r in snaps if r.guid == sb.last_common_guid), None)
+        return {
+            "pool_guid": sb.pool_guid.hex(),
+            "role": ROLE_NAMES.get(sb.role, "?"),
+            "peer": sb.peer,
+            "superseded": bool(sb.superseded),
+            "snapshots": [
+                {"name": r.name, "guid": r.guid.hex(), "created_ns": r.created_ns} for r in snaps
+            ],
+            "last_common": common.name if common else None,
+            "last_common_guid": sb.last_common_guid.hex() if common else None,
+            "last_common_created_ns": common.created_ns if common else None,
+            "live_has_data": any(v.inode.owned_blocks for v in engine.pool.volumes.values()),
+        }
+
+
+def status_with_lag(engine: Engine) -> dict[str, Any]:
+    """status() plus how far live has moved since the last common snapshot."""
+    st = status(engine)
+    st["lag_bytes"] = None
+    st["lag_seconds"] = None
+    if st["last_common"]:
+        st["lag_bytes"] = sum(n for _, n in engine.diff_blocks(st["last_common"], None))
+        st["lag_seconds"] = round(time.time() - st["last_common_created_ns"] / 1e9, 1)
+    st["endpoint"] = engine.endpoint.address if engine.endpoint else None
+    return st
+
+
+def set_role(engine: Engine, role: int, peer: str | None = None, superseded: int = 0) -> None:
+    with engine.lock:
+        sb = engine.pool.sb
+        sb.role = role
+        if peer is not None:
+            sb.peer = peer
+        sb.superseded = superseded
+        engine.pool.sb_dirty = True
+        engine._commit()
+
+
+def _set_common(engine: Engine, guid: bytes) -> None:
+    engine.pool.sb.last_common_guid = guid
+    engine.pool.sb_dirty = True
+    engine._commit()
+
+
+def _hold(engine: Engine, name: str) -> None:
+    rec = engine.snapshot(name)
+    if REPLICATION_HOLD not in rec.holds:
+        engine.hold(name, REPLICATION_HOLD)
+
+
+def retire_older(engine: Engine, keep: bytes) -> list[str]:
+    """Release and delete the replication snapshots older than the common one `keep`."""
+    with engine.lock:
+        try:
+            kept = engine.snapshot_by_guid(keep)
+        except NotFound:
+            return []
+        old = [
+            r
+            for r in engine.pool.snapshots.values()
+            if r.state == SNAP_ACTIVE and r.flags & SNAPF_REPLICATION and r.id < kept.id
+        ]
+        names = [r.name for r in old]
+        for r in old:
+            if REPLICATION_HOLD in r.holds:
+                engine.release(r.name, REPLICATION_HOLD)
+    gone = []
+    for name in names:
+        try:
+            if not engine.snapshot(name).holds:
+                engine.delete_snapshot(name)
+                gone.append(name)
+        except DittoError:
+            pass  # held by the user, or cloned: it stays, which is what they asked for
+    return gone
+
+
+def _new_replication_snapshot(engine: Engine) -> str:
+    name = time.strftime("repl-%Y%m%d-%H%M%S", time.gmtime())
+    with engine.lock:
+        taken = {r.name for r in engine.pool.snapshots.values()}
+        n, base = 1, name
+        while name in taken:
+            n += 1
+            name = f"{base}-{n}"
+        engine.create_snapshot(name, replication=True)
+        _hold(engine, name)
+    return name
+
+
+def newest_common(engine: Engine, peer_status: dict[str, Any]) -> str | None:
+    """Our newest snapshot whose GUID the peer also holds."""
+    theirs = {s["guid"] for s in peer_status["snapshots"]}
+    with engine.lock:
+        ours = sorted(
+            (r for r in engine.pool.snapshots.values() if r.state == SNAP_ACTIVE),
+            key=lambda r: r.id,
+            reverse=True,
+        )
+        return next((r.name for r in ours if r.guid.hex() in theirs), None)
+
+
+def _push(
+    engine: Engine, conn: PeerConnection, base: str | None, to: str, force: bool
+) -> dict[str, Any]:
+    conn.send({"op": "receive", "force": force})
+    try:
+        engine.send(base, to, _StreamSink(conn), conn.session)
+    except StreamError:
+        pass  # the peer stopped reading: its reply says why
+    reply = conn.recv()
+    if not reply.get("ok"):
+        raise StreamError(f"the peer refused the stream: {reply.get('error')}")
+    return reply
+
+
+def attach(
+    engine: Engine, address: str, identity: str, key: bytes, me: str, force: bool = False
+) -> dict[str, Any]:
+    """FIG. 15A: make the peer at address our standby and bring it up to date."""
+    with engine.lock:
+        sb = engine.pool.sb
+        if sb.role == ROLE_STANDBY or sb.superseded:
+            raise Refused(
+                "this pool is a standby (or was superseded): it cannot feed a peer; "
+                "'snapctl standby promote' or 'demote' first"
+            )
+    conn = connect_peer(address, identity, key)
+    try:
+        peer = conn.call("status")
+        if peer["pool_guid"] == engine.pool.sb.pool_guid.hex():
+            raise Refused("the peer is this very pool")
+        if peer["role"] == "primary" and not peer["superseded"]:
+            raise Refused(
+                f"the peer at {address} is a primary itself; demote it first "
+                "('snapctl standby demote' there)"
+            )
+        base = newest_common(engine, peer)
+        if base is None and peer["live_has_data"] and not force:
+            raise Refused(
+                f"the peer at {address} holds data of its own and shares no "
+                "snapshot with this pool; add --force to overwrite it"
+            )
+        to = _new_replication_snapshot(engine)
+        reply = _push(engine, conn, base, to, force or base is None)
+        conn.call("set_role", role="standby", peer=me)
+        set_role(engine, ROLE_PRIMARY, address)
+        with engine.lock:
+            _set_common(engine, engine.snapshot(to).guid)
+        conn.call("retire", keep=engine.snapshot(to).guid.hex())
+        retire_older(engine, engine.snapshot(to).guid)
+        return {"snapshot": to, "base": base, "peer": address, "received": reply["received"]}
+    finally:
+        conn.close()
+
+
+def sync(engine: Engine, identity: str, key: bytes) -> dict[str, Any]:
+    """One round of FIG. 15A's steady state: snapshot N+1, send N -> N+1, retire older."""
+    with engine.lock:
+        sb = engine.pool.sb
+        if sb.role != ROLE_PRIMARY or not sb.peer:
+            raise Refused("this pool has no standby: 'snapctl standby attach HOST:PORT' first")
+        if sb.superseded:
+            raise Refused("this pool was superseded by its peer: 'snapctl standby demote'")
+        address = sb.peer
+    conn = connect_peer(address, identity, key)
+    try:
+        peer = conn.call("status")
+        if peer["role"] == "primary" and not peer["superseded"]:
+            set_role(engine, ROLE_PRIMARY, address, superseded=1)
+            raise Refused(
+                f"the peer at {address} has become primary: this pool was "
+                "superseded; 'snapctl standby demote' to rejoin as its standby"
+            )
+        base = newest_common(engine, peer)
+        if base is None:
+            raise Refused(
+                "the peer shares no snapshot with this pool any more: "
+                "'snapctl standby attach' again"
+            )
+        to = _new_replication_snapshot(engine)
+        t0 = time.monotonic()
+        reply = _push(engine, conn, base, to, False)
+        with engine.lock:
+            guid = engine.snapshot(to).guid
+            _set_common(engine, guid)
+        conn.call("retire", keep=guid.hex())
+        retire_older(engine, guid)
+        return {
+            "snapshot": to,
+            "base": base,
+            "seconds": round(time.monotonic() - t0, 3),
+            "received": reply["received"],
+        }
+    finally:
+        conn.close()
+
+
+def promote(engine: Engine, identity: str, key: bytes, force: bool = False) -> dict[str, Any]:
+    """FIG. 15B: the primary is lost; this standby restores its last complete snapshot and
+    becomes primary."""
+    with engine.lock:
+        sb = engine.pool.sb
+        if sb.role == ROLE_PRIMARY and not sb.superseded:
+            raise Refused("this pool is already the primary")
+        address = sb.peer
+    if address and not force:
+        try:
+            conn = connect_peer(address, identity, key)
+        except (ServerUnavailable, PermissionDenied, OSError):
+            conn = None
+        if conn is not None:
+            try:
+                peer = conn.call("status")
+            finally:
+                conn.close()
+            if peer["role"] == "primary" and not peer["superseded"]:
+                raise Refused(
+                    f"the primary at {address} still answers: promoting now would "
+                    "make two primaries; use 'standby failback' there, or --force"
+                )
+    if engine.resume_token() is not None:
+        engine.abort_receive()
+    last = _newest_snapshot(engine)
+    if last is not None:
+        engine.rollback(last, force=True)
+    set_role(engine, ROLE_PRIMARY, address)
+    return {"role": "primary", "restored": last, "peer": address}
+
+
+def demote(
+    engine: Engine,
+    identity: str,
+    key: bytes,
+    save_diverged: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """FIG. 15C: an old primary rejoins as standby: live goes back to the last snapshot its
+    peer acknowledged; the change it discards can be saved first (save_diverged(base, tip))."""
+    with engine.lock:
+        sb = engine.pool.sb
+        common_guid = sb.last_common_guid
+        address = sb.peer
+    try:
+        base = engine.snapshot_by_guid(common_guid).name
+    except NotFound:
+        raise Refused(
+            "this pool knows no snapshot in common with its peer; it cannot rejoin "
+            "without a full resync ('standby attach --force' from the primary)"
+        ) from None
+    diverged = engine.diff_blocks(base, None)
+    discarded = sum(n for _, n in diverged)
+    newer = [r.name for r in engine.list_snapshots() if r.id > engine.snapshot(base).id]
+    saved = None
+    if save_diverged is not None and (discarded or newer):
+        tip = time.strftime("diverged-%Y%m%d-%H%M%S", time.gmtime())
+        engine.create_snapshot(tip)
+        save_diverged(base, tip)
+        saved = tip
+        newer.append(tip)
+    for name in newer:
+        rec = engine.snapshot(name)
+        for tag in list(rec.holds):
+            engine.release(name, tag)
+    engine.rollback(base, destroy_newer=True, force=True)
+    set_role(engine, ROLE_STANDBY, address)
+    return {
+        "role": "standby",
+        "restored": base,
+        "discarded_bytes": discarded,
+        "destroyed": newer,
+        "saved": saved,
+    }
+
+
+def failback(
+    engine: Engine, identity: str, key: bytes, me: str, force: bool = False
+) -> dict[str, Any]:
+    """FIG. 15D: hand the primary role back: final snapshot, send it, swap roles."""
+    with engine.lock:
+        sb = engine.pool.sb
+        if sb.role != ROLE_PRIMARY or not sb.peer:
+            raise Refused("only a primary with a standby can fail back")
+        writers = sum(engine.connections.values())
+        if writers and not force:
+            raise Refused(
+                f"live has {writers} client connection(s): stop them, or add --force "
+                "(live turns read-only first)"
+            )
+        sb.role = ROLE_STANDBY  # from here on live is read-only: the final snapshot is final
+        engine.pool.sb_dirty = True
+        engine._commit()
+        for vol in engine.pool.volumes.values():
+            vol.inode.incarnation += 1  # writers' connections fail from now on
+            engine.pool.touch_inode(vol.inode)
+        address = sb.peer
+    try:
+        result = sync_as(engine, identity, key, address)
+    except DittoError:
+        set_role(engine, ROLE_PRIMARY, address)  # the handover failed: stay primary
+        raise
+    conn = connect_peer(address, identity, key)
+    try:
+        conn.call("set_role", role="primary", peer=me)
+    finally:
+        conn.close()
+    set_role(engine, ROLE_STANDBY, address)
+    return {"role": "standby", "final": result["snapshot"], "peer": address}
+
+
+def sync_as(engine: Engine, identity: str, key: bytes, address: str) -> dict[str, Any]:
+    """A sync that does not depend on our role (failback's last send)."""
+    conn = connect_peer(address, identity, key)
+    try:
+        peer = conn.call("status")
+        base = newest_common(engine, peer)
+        if base is None:
+            raise Refused("the peer shares no snapshot with this pool")
+        to = _new_replication_snapshot(engine)
+        reply = _push(engine, conn, base, to, False)
+        with engine.lock:
+            guid = engine.snapshot(to).guid
+            _set_common(engine, guid)
+        conn.call("retire", keep=guid.hex())
+        retire_older(engine, guid)
+        return {"snapshot": to, "received": reply["received"]}
+    finally:
+        conn.close()
+
+
+def _newest_snapshot(engine: Engine) -> str | None:
+    snaps = engine.list_snapshots()
+    return snaps[-1].name if snaps else None

@@ -83,7 +83,8 @@ def send(
 
 
 @main.command(
-    epilog="Example: snapctl -d b.img receive -i s2.stream   (or: ssh a snapctl send s2 | snapctl -d b.img receive)"
+    epilog="Example: snapctl -d b.img receive -i s2.stream "
+    "(or: ssh a snapctl -d a.img send s2 | snapctl -d b.img receive)"
 )
 @click.option("-i", "--input", "input_", metavar="FILE", help="Read the stream here, not stdin.")
 @click.option("--force", is_flag=True, help="Let a full stream overwrite volumes with data.")

@@ -43,6 +43,7 @@ import click
 
 from fsimpl import errors as ditto_errors
 from fsimpl import rundir
+from fsimpl.client import SocketClient
 from fsimpl.errors import DittoError, InvalidArgument, NotFound, Refused
 
 from .app import Context, main, run
@@ -559,6 +560,33 @@ def _parent_of(pid: int) -> int:
         return 0
 
 
+STOP_GRACE = 5.0  # seconds nbdkit may take to stop before the supervisor ends it itself
+
+
+def _wait_stopping(proc: subprocess.Popen[bytes], got: list[int], state: dict[str, Any]) -> int:
+    """Wait for nbdkit. Once asked to stop, nbdkit 1.32 waits for every client's NEXT request
+    before it exits, so an idle client (a mounted file system) would keep it up forever: after
+    STOP_GRACE the supervisor commits the pool through the control socket (everything written
+    becomes durable) and ends nbdkit with SIGKILL, which the pool is built to survive."""
+    stop_at: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=0.25)
+        except subprocess.TimeoutExpired:
+            pass
+        if got and stop_at is None:
+            stop_at = time.monotonic() + STOP_GRACE
+        if stop_at is not None and time.monotonic() >= stop_at:
+            with (
+                contextlib.suppress(DittoError, OSError),
+                SocketClient(str(state["control"]), timeout=10) as c,
+            ):
+                c.call("commit")
+            proc.kill()
+            proc.wait()
+            return 0
+
+
 def _serve_foreground(
     cmd: list[str], env: dict[str, str], disk: str, endpoint: Endpoint, debug: bool
 ) -> None:
@@ -587,7 +615,7 @@ def _serve_foreground(
     click.echo(connect_help(disk, endpoint, state, proc.pid))
     sys.stdout.flush()
     sd_notify(f"READY=1\nSTATUS=serving {disk} on {endpoint}")
-    rc = proc.wait()
+    rc = _wait_stopping(proc, got, state)
     sd_notify("STOPPING=1")
     relay.thread.join(2)
     if endpoint.unix is not None and not can_connect_unix(endpoint.unix):

@@ -335,7 +335,7 @@ class _Walker:
                 if e.kind == KIND_ADDR:
                     owned += 1
                     self._own(e.addr, where)
-                elif e.kind != KIND_NONE and not (e.kind == KIND_HOLE and vol.origin is not None):
+                elif e.kind not in (KIND_NONE, KIND_HOLE):  # HOLE: a trimmed block of a clone
                     self.report.add(
                         "bad_entry", True, where, f"{where}: live entry of kind {e.kind}"
                     )

@@ -92,6 +92,9 @@ def dispatch(
         return {"protocol": PROTOCOL_VERSION, "pid": os.getpid()}
     if op == "info":
         return engine.info()
+    if op == "commit":  # make everything durable now (a supervisor stopping the server)
+        engine.flush()
+        return {"generation": engine.pool.sb.generation}
     if op == "list":
         return [snapshot_json(s) for s in engine.list_snapshots()]
     if op == "names":

@@ -604,7 +604,13 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         it destroys), then rollbacks. Caller holds the lock. True while work remains."""
         pool = self.pool
         stop = self._step_budget()
-        pending = pool.pending_deletes()
+        # a snapshot that clones still read waits for them (they go first in a recursive
+        # volume delete), so no committed state ever has a clone without its origin
+        pending = [
+            s
+            for s in pool.pending_deletes()
+            if not any(pool.clones_of(v, s) for v in pool.covering(s))
+        ]
         if pending:
             sid = pending[0]
             done = all(snapops.delete_step(pool.ctx, v, sid, stop) for v in pool.covering(sid))
@@ -620,6 +626,8 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                     pool.finish_rollback(vol, sid)
                     self._commit()
             elif op == OP_DELETE:
+                if pool.clones_of(vol):
+                    continue  # its clones go first
                 maps = [vol.shadows[s] for s in vol.chain] + [vol.live]
                 if all(snapops.free_map_step(pool.ctx, m, stop) for m in maps):
                     pool.finish_volume_delete(vol)

@@ -503,6 +503,11 @@ class SnapshotManagement:
                 "newest_snapshot": max(active, key=lambda r: r.id).name if active else None,
                 "pending_deletes": len(pool.pending_deletes()),
                 "role": ROLE_NAMES.get(sb.role, str(sb.role)),
+                "peer": sb.peer or None,
+                "last_common": next(
+                    (r.name for r in active if r.guid == sb.last_common_guid), None
+                ),
+                "superseded": bool(sb.superseded),
                 "cow": self.cow,
                 "server_pid": sb.inuse_pid,
                 "time": time.time(),

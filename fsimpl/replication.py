@@ -533,6 +533,8 @@ class _Reader:
             mac = self._exact(MAC_SIZE)
         elif self.mac_key is not None:
             raise StreamError("the stream is not authenticated but a key was given")
+        if flags & RECF_MAC and self.mac_key is None:
+            raise StreamError("the stream is authenticated: give --key-file to verify it")
         try:
             check_record(head, payload, trailer, mac, self.mac_key)
         except ValueError as e:

@@ -62,7 +62,9 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
             # is exact again
             if e.kind == KIND_ADDR:
                 live.set(b, Entry(KIND_ADDR, e.addr, e.birth))
-            else:
+            elif e.kind == KIND_HOLE and vol.origin is not None:
+                live.set(b, Entry(KIND_HOLE, 0, e.birth))  # a clone's NONE would read origin
+            else:  # a hole of a plain volume, or a clone's origin view
                 live.set(b, Entry(KIND_NONE, 0, e.birth))
         shadow.detach_leaf(leaf_no)
         if stop():

@@ -105,12 +105,18 @@ class PeerConnection:
         self.session = _mac(self.key, b"session", client_nonce, server_nonce)
 
     def _raw_write(self, data: bytes) -> None:
-        self.file.write(data)
+        try:
+            self.sock.sendall(data)  # a timed-out socket's write() may send only part
+        except OSError as e:
+            raise ServerUnavailable(f"lost the peer: {e.strerror or e}") from None
 
     def _raw_read(self, n: int) -> bytes:
         out = b""
         while len(out) < n:
-            chunk = self.file.read(n - len(out))
+            try:
+                chunk = self.file.read(n - len(out))
+            except OSError as e:
+                raise ServerUnavailable(f"lost the peer: {e.strerror or e}") from None
             if not chunk:
                 raise EOFError
             out += chunk
@@ -120,7 +126,7 @@ class PeerConnection:
         payload = json.dumps(obj).encode()
         head = _FRAME.pack(len(payload), self.sent)
         direction = b"s" if self.server else b"c"
-        self.file.write(head + payload + _mac(self.session, direction, head, payload))
+        self._raw_write(head + payload + _mac(self.session, direction, head, payload))
         self.sent += 1
 
     def recv(self) -> dict[str, Any]:
@@ -247,6 +253,10 @@ class ReplicationEndpoint:
         if op == "status":
             return status(engine)
         if op == "receive":
+            if engine.resume_token() is not None:
+                # a transfer from our primary broke off earlier; each sync sends a new
+                # snapshot, so the leftover cannot be resumed: start again from the base
+                engine.abort_receive()
             result = engine.receive(_StreamSource(conn), conn.session, bool(req.get("force")))
             with engine.lock:
                 rec = engine.snapshot_by_guid(bytes.fromhex(result["guid"]))
@@ -272,7 +282,10 @@ class _StreamSource:
         self.conn = conn
 
     def read(self, n: int) -> bytes:
-        return self.conn.file.read(n) or b""
+        try:
+            return self.conn.file.read(n) or b""
+        except OSError:
+            return b""  # a lost connection ends the stream early: the receive keeps progress
 
 
 class _StreamSink:
@@ -280,7 +293,7 @@ class _StreamSink:
         self.conn = conn
 
     def write(self, data: bytes) -> None:
-        self.conn.file.write(data)
+        self.conn._raw_write(data)
 
     def flush(self) -> None:
         pass
@@ -506,7 +519,12 @@ def promote(engine: Engine, identity: str, key: bytes, force: bool = False) -> d
     if address and not force:
         try:
             conn = connect_peer(address, identity, key)
-        except (ServerUnavailable, PermissionDenied, OSError):
+        except PermissionDenied:
+            raise Refused(
+                f"the peer at {address} answers but does not accept this key: it may still "
+                "be a live primary; check the key, or use --force if it is really gone"
+            ) from None
+        except (ServerUnavailable, OSError):
             conn = None
         if conn is not None:
             try:

@@ -28,6 +28,7 @@ from .errors import CorruptMetadata, NotAPool, PoolTruncated, UnsupportedFormat
 from .layout import (
     INODE_SHADOW,
     INODE_VOLUME,
+    OP_DELETE,
     OP_NONE,
     RESERVED_BYTES,
     SNAP_ACTIVE,
@@ -198,6 +199,10 @@ class Pool:
         for vol in self.volumes.values():
             if vol.inode.origin_vol:
                 origin = self.volumes.get(vol.inode.origin_vol)
+                if vol.inode.op == OP_DELETE and (
+                    origin is None or vol.inode.origin_snap not in origin.shadows
+                ):
+                    continue  # going anyway: it will never be read again
                 if origin is None or vol.inode.origin_snap not in origin.shadows:
                     raise CorruptMetadata(
                         f"clone {vol.name} has a missing origin; run 'snapctl check'",

@@ -121,9 +121,13 @@ class VolumeManagement:
                 f"{size}; trim it first (blkdiscard / fstrim) or pick a larger size"
             )
         if size % bs and used and used[0] == first_cut:
-            # the new last block's tail must read zeros if the volume grows again
-            tail = bs - size % bs
-            vol.write(self.pool.ctx, memoryview(bytes(tail)), size, self.cow)
+            tail = bytearray(bs - size % bs)
+            vol.read(self.pool.ctx, None, memoryview(tail), size)
+            if any(tail):
+                raise Refused(
+                    f"volume {vol.name} holds data between {size} and {first_cut * bs + bs}, "
+                    "past the new size; trim it first or pick a larger size"
+                )
 
     # --- delete -------------------------------------------------------------------------------
 

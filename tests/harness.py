@@ -1,8 +1,9 @@
 """Test harness: real nbdkit servers running plugin/plugin.py, and libnbd clients for them.
 
 Every server runs in the foreground of its own process with --exit-with-parent, listens on a
-Unix socket in the test's temporary directory, and is stopped by PID when the test ends, even
-when it fails. Tests never mock nbdkit or the disk.
+Unix socket in the test's temporary directory (or, with tcp_port=, on TCP at 127.0.0.1 only:
+nbdkit cannot serve both at once), and is stopped by PID when the test ends, even when it fails.
+Tests never mock nbdkit or the disk.
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ def require(tool: str) -> str:
     return path
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class NbdkitServer:
-    """One nbdkit + dittofs plugin process serving `disk` on a Unix socket."""
+    """One nbdkit + dittofs plugin process serving `disk` on a Unix socket, or with tcp_port
+    on TCP at 127.0.0.1:tcp_port (a restart listens on the same port again)."""
 
     def __init__(
         self,
@@ -41,10 +50,12 @@ class NbdkitServer:
         cow: str = "move",
         params: dict[str, str] | None = None,
         name: str = "srv",
+        tcp_port: int | None = None,
     ) -> None:
         self.workdir = workdir
         self.disk = disk
         self.sock = workdir / f"{name}.nbd.sock"
+        self.tcp_port = tcp_port
         self.control = workdir / f"{name}.ctl.sock"
         self.rundir = workdir / "run"
         self.logfile = workdir / f"{name}.log"
@@ -59,14 +70,16 @@ class NbdkitServer:
             require("nbdkit"),
             "-f",
             "--exit-with-parent",
-            "-U",
-            str(self.sock),
+            *(["-i", "127.0.0.1", "-p", str(self.tcp_port)] if self.tcp_port else []),
+            *([] if self.tcp_port else ["-U", str(self.sock)]),
             "python",
             str(PLUGIN),
             f"disk={self.disk}",
             f"cow={self.cow}",
             f"control={self.control}",
         ]
+        if self.tcp_port:
+            args.append(f"nbd=tcp:127.0.0.1:{self.tcp_port}")  # recorded in the run state
         if self.size:
             args.append(f"size={self.size}")
         args += [f"{k}={v}" for k, v in self.params.items()]
@@ -89,7 +102,8 @@ class NbdkitServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nbdkit exited with {self.proc.returncode}:\n{self.log()}")
-            if self.sock.exists() and self.control.exists() and _can_connect(self.control):
+            listening = _can_connect_tcp(self.tcp_port) if self.tcp_port else self.sock.exists()
+            if listening and self.control.exists() and _can_connect(self.control):
                 return self
             time.sleep(0.05)
         self.kill()
@@ -134,7 +148,10 @@ class NbdkitServer:
             h.set_strict_mode(0)
         h.set_export_name(export)
         h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        h.connect_unix(str(self.sock))
+        if self.tcp_port:
+            h.connect_tcp("127.0.0.1", str(self.tcp_port))
+        else:
+            h.connect_unix(str(self.sock))
         return h
 
     def snapctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -162,6 +179,14 @@ def _can_connect(path: Path) -> bool:
         return False
     finally:
         s.close()
+
+
+def _can_connect_tcp(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def run_snapctl(

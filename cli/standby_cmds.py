@@ -210,12 +210,17 @@ def _interval(text: str) -> float:
 
 @standby.command("status", epilog="Example: snapctl -d a.img standby status --json")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.option(
+    "--key-file",
+    metavar="KEY",
+    help="Also ask the peer (a primary learns whether it was superseded).",
+)
 @click.pass_obj
-def standby_status(obj: Context, as_json: bool) -> None:
+def standby_status(obj: Context, as_json: bool, key_file: str | None) -> None:
     """Role, peer, last common snapshot and how far live has moved since (lag)."""
 
     def body() -> None:
-        r = _call(obj, "standby_status", {})
+        r = _call(obj, "standby_status", _auth(key_file) if key_file else {})
         if as_json:
             click.echo(json.dumps(r, indent=2))
             return

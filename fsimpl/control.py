@@ -203,7 +203,10 @@ def _stream(
 
 def _standby(engine: Engine, op: str, args: dict[str, Any], fd: int | None) -> Any:
     if op == "standby_status":
-        return standby.status_with_lag(engine)
+        key_hex = _str(args, "key", False)
+        return standby.status_with_lag(
+            engine, _str(args, "identity", False), bytes.fromhex(key_hex) if key_hex else None
+        )
     identity = _str(args, "identity") or ""
     key = bytes.fromhex(_str(args, "key") or "")
     me = _str(args, "me", False) or (engine.endpoint.address if engine.endpoint else "")

@@ -325,8 +325,13 @@ def status(engine: Engine) -> dict[str, Any]:
         }
 
 
-def status_with_lag(engine: Engine) -> dict[str, Any]:
-    """status() plus how far live has moved since the last common snapshot."""
+def status_with_lag(
+    engine: Engine, identity: str | None = None, key: bytes | None = None
+) -> dict[str, Any]:
+    """status() plus how far live has moved since the last common snapshot. With the key, a
+    primary also asks its peer, and learns so if the peer has been promoted meanwhile."""
+    if key and identity:
+        _learn_superseded(engine, identity, key)
     st = status(engine)
     st["lag_bytes"] = None
     st["lag_seconds"] = None
@@ -335,6 +340,24 @@ def status_with_lag(engine: Engine) -> dict[str, Any]:
         st["lag_seconds"] = round(time.time() - st["last_common_created_ns"] / 1e9, 1)
     st["endpoint"] = engine.endpoint.address if engine.endpoint else None
     return st
+
+
+def _learn_superseded(engine: Engine, identity: str, key: bytes) -> None:
+    with engine.lock:
+        sb = engine.pool.sb
+        if sb.role != ROLE_PRIMARY or sb.superseded or not sb.peer:
+            return
+        address = sb.peer
+    try:
+        conn = connect_peer(address, identity, key)
+    except (ServerUnavailable, OSError):
+        return  # unreachable: nothing learned
+    try:
+        peer = conn.call("status")
+    finally:
+        conn.close()
+    if peer["role"] == "primary" and not peer["superseded"]:
+        set_role(engine, ROLE_PRIMARY, address, superseded=1)
 
 
 def set_role(engine: Engine, role: int, peer: str | None = None, superseded: int = 0) -> None:

@@ -119,7 +119,9 @@ class Renderer:
             ("free", human_size(d["free_bytes"])),
             ("on the host", human_size(d["host_allocated_bytes"])),
             ("snapshots", d["snapshot_count"]),
-            ("role", d["role"]),
+            ("role", d["role"] + (" (superseded by its peer)" if d.get("superseded") else "")),
+            ("peer", d.get("peer") or "-"),
+            ("last common", d.get("last_common") or "-"),
         ]
         if d.get("mode") == "server":
             lines.append(("server", f"pid {d['server_pid']}"))

@@ -14,6 +14,7 @@ directory, and each connection's peer uid is checked with SO_PEERCRED.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -177,7 +178,7 @@ def dispatch(
         return _standby(engine, op, args, fd)
     if op == "exports":
         return [{"name": n, "description": d} for n, d in engine.export_names()]
-    raise ProtocolError(f"unknown operation '{op}'")
+    raise ProtocolError(f"unknown operation {_shown(op)}")
 
 
 def _stream(
@@ -237,7 +238,12 @@ def _standby(engine: Engine, op: str, args: dict[str, Any], fd: int | None) -> A
                 engine.send(base, tip, sink)
 
         return standby.demote(engine, identity, key, save)
-    raise ProtocolError(f"unknown operation '{op}'")
+    raise ProtocolError(f"unknown operation {_shown(op)}")
+
+
+def _shown(text: str) -> str:
+    """A client-supplied string, bounded and escaped for an error message."""
+    return repr(text[:60] + ("..." if len(text) > 60 else ""))
 
 
 def error_json(e: DittoError) -> dict[str, Any]:
@@ -308,10 +314,18 @@ class ControlServer:
                 denied = PermissionDenied(
                     "only root or the user running the server may manage this pool"
                 )
-                _send(
-                    f,
-                    {"v": PROTOCOL_VERSION, "id": None, "ok": False, "error": error_json(denied)},
-                )
+                conn.settimeout(2)
+                with contextlib.suppress(OSError):
+                    f.readline(MAX_MESSAGE + 1)  # take the request, so the reply is read
+                    reply = {
+                        "v": PROTOCOL_VERSION,
+                        "id": None,
+                        "ok": False,
+                        "error": error_json(denied),
+                    }
+                    _send(f, reply)
+                    conn.shutdown(socket.SHUT_WR)
+                    conn.recv(1)  # let the client read the reply before the close
                 return
             try:
                 while not self.stopping:
@@ -337,7 +351,7 @@ class ControlServer:
         try:
             try:
                 req = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise ProtocolError("a request must be one JSON object per line") from None
             if not isinstance(req, dict):
                 raise ProtocolError("a request must be a JSON object")

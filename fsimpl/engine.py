@@ -45,6 +45,7 @@ from .layout import (
     OP_ROLLBACK,
     ROLE_STANDBY,
     SNAP_ACTIVE,
+    SUPERBLOCK_OFFSETS,
     SnapshotRecord,
     check_block_size,
 )
@@ -120,8 +121,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
     ) -> Engine:
         """Open (with create_size and a missing path: create) the pool on path, exclusively."""
         if create_size is not None and not os.path.exists(path):
-            if create_size <= 0:
-                raise InvalidArgument(f"size={create_size}: the live volume needs a size > 0")
+            _check_size(create_size)
             try:
                 check_block_size(block_size)
             except ValueError as e:
@@ -152,6 +152,15 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 _lock(device)
                 pool = Pool.open(device, cache_bytes)
                 _check_inuse(path, pool)
+                for slot, problem in pool.superblock_problems:
+                    log.warning(
+                        "%s: superblock slot %d (byte %d, type superblock) is unusable: %s; the "
+                        "other slot serves; run 'snapctl check' (--repair rewrites it)",
+                        path,
+                        slot,
+                        SUPERBLOCK_OFFSETS[slot],
+                        problem,
+                    )
             except BaseException:
                 device.close()
                 raise
@@ -170,8 +179,8 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         """Make a pool on path: a new image file (size required), an existing file, or a block
         device (live defaults to the device's size; thin either way). Refuses a disk that holds
         a file system, a partition table or a pool unless force."""
-        if size is not None and size <= 0:
-            raise InvalidArgument(f"size {size}: the live volume needs a size > 0")
+        if size is not None:
+            _check_size(size)
         try:
             check_block_size(block_size)
         except ValueError as e:
@@ -657,6 +666,18 @@ def _describe_snapshot(rec: SnapshotRecord, vol: Volume) -> str:
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(rec.created_ns / 1e9))
     mode = "read-write" if rec.id in vol.writable else "read-only"
     return f"snapshot {rec.name} of {vol.name}, taken {when} ({mode})"
+
+
+MAX_EXPORT_SIZE = (1 << 63) - 1  # NBD sizes are signed 64-bit
+
+
+def _check_size(size: int) -> None:
+    if size <= 0:
+        raise InvalidArgument(f"size {size}: the live volume needs a size > 0")
+    if size > MAX_EXPORT_SIZE:
+        raise InvalidArgument(
+            f"size {size} is larger than NBD can export ({MAX_EXPORT_SIZE} bytes)"
+        )
 
 
 def _lock(device: Device) -> None:

@@ -60,18 +60,26 @@ def _reserve(capacity: int) -> int:
 
 def read_superblock(device: Device) -> Superblock:
     """The valid superblock slot with the highest generation."""
+    return read_superblocks(device)[0]
+
+
+def read_superblocks(device: Device) -> tuple[Superblock, list[tuple[int, str]]]:
+    """The valid slot with the highest generation, and what is wrong with the other slot (if
+    anything is: (slot, problem))."""
     raw = device.pread(2 * SUPERBLOCK_SIZE, 0)
     found: list[Superblock] = []
     errors: list[Exception] = []
-    for off in SUPERBLOCK_OFFSETS:
+    problems: list[tuple[int, str]] = []
+    for slot, off in enumerate(SUPERBLOCK_OFFSETS):
         try:
             found.append(unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path))
         except UnsupportedFormat:
             raise  # never fall back to an older slot of a pool a newer release has touched
         except (NotAPool, CorruptMetadata) as e:
             errors.append(e)
+            problems.append((slot, str(e)))
     if found:
-        return max(found, key=lambda s: s.generation)
+        return max(found, key=lambda s: s.generation), problems
     if any(isinstance(e, CorruptMetadata) for e in errors):
         raise CorruptMetadata(
             f"{device.path}: both superblocks fail their checksums; the pool cannot be "
@@ -110,12 +118,13 @@ class Pool:
         )
         self.commits = 0
         self.allocator.commit_need = self._commit_need
+        self.superblock_problems: list[tuple[int, str]] = []  # found at open: (slot, why)
 
     # --- open and format ----------------------------------------------------------------------
 
     @classmethod
     def open(cls, device: Device, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Pool:
-        sb = read_superblock(device)
+        sb, problems = read_superblocks(device)
         need = sb.capacity_blocks * sb.block_size
         have = device.size()
         if have < need:
@@ -124,6 +133,7 @@ class Pool:
                 "truncated or the device shrank; restore it, or run 'snapctl check'"
             )
         pool = cls(device, sb, cache_bytes)
+        pool.superblock_problems = problems
         pool._load()
         return pool
 

@@ -49,7 +49,7 @@ from fsimpl.layout import (
 from fsimpl.txn import Pool
 
 BS = 4096
-SEEDS = [int(os.environ["DITTOFS_SEED"])] if "DITTOFS_SEED" in os.environ else [11, 12]
+SEEDS = [int(os.environ["DITTOFS_SEED"])] if "DITTOFS_SEED" in os.environ else [11, 12, 13, 14, 15]
 OPS = int(os.environ.get("DITTOFS_POWERCUT_OPS", "110"))
 MAX_SNAPS = 4
 TOTALS: Counter[str] = Counter()

@@ -11,7 +11,7 @@ import click
 
 from fsimpl import checker, rundir
 from fsimpl.engine import Engine
-from fsimpl.errors import DittoError, NotFound, Refused
+from fsimpl.errors import DittoError, InvalidArgument, NotFound, Refused
 from fsimpl.layout import DEFAULT_BLOCK_SIZE
 
 from .app import Context, main, run
@@ -166,3 +166,31 @@ def _show_report(report: dict[str, Any], as_json: bool) -> None:
     else:
         verdict = f"{len(report['defects'])} defect(s), {report['fatal']} fatal"
     click.echo(f"{verdict}: {_summary(report['stats'])}")
+
+
+@main.command(epilog="Example: snapctl -d pool.img tune snapshot-min-free=10G")
+@click.argument("settings", nargs=-1, metavar="[snapshot-min-free=SIZE]")
+@click.option("--json", "as_json", is_flag=True, help="Print the settings as JSON.")
+@click.pass_obj
+def tune(obj: Context, settings: tuple[str, ...], as_json: bool) -> None:
+    """Show or change pool settings. snapshot-min-free: below this much free space, new
+    snapshots are refused (live writes go on), so snapshots cannot eat the last space."""
+
+    def body() -> None:
+        args: dict[str, Any] = {}
+        for item in settings:
+            key, sep, value = item.partition("=")
+            if key != "snapshot-min-free" or not sep:
+                raise InvalidArgument(f"unknown setting '{item}': use snapshot-min-free=SIZE")
+            args["snapshot_min_free"] = parse_size(value)
+        with obj.client() as c:
+            r = c.call("tune", args)
+        if as_json:
+            click.echo(json.dumps(r))
+        else:
+            click.echo(
+                f"snapshot-min-free={human_size(r['snapshot_min_free'])} "
+                f"(free now: {human_size(r['free_bytes'])})"
+            )
+
+    run(body)

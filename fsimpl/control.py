@@ -93,6 +93,11 @@ def dispatch(
         return {"protocol": PROTOCOL_VERSION, "pid": os.getpid()}
     if op == "info":
         return engine.info()
+    if op == "tune":
+        v = args.get("snapshot_min_free")
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+            raise InvalidArgument("snapshot_min_free must be a byte count")
+        return engine.tune(v)
     if op == "commit":  # make everything durable now (a supervisor stopping the server)
         engine.flush()
         return {"generation": engine.pool.sb.generation}

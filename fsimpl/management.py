@@ -8,6 +8,7 @@ before it returns. Space figures come from the shadow maps and their counters, n
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -111,6 +112,7 @@ class SnapshotManagement:
             for vol in vols:
                 if vol.inode.op not in (OP_NONE, OP_FLATTEN):
                     raise Refused(f"volume {vol.name} is being rolled back; try again after")
+            self._check_snapshot_room()
             flags = (SNAPF_WRITABLE if writable else 0) | (SNAPF_REPLICATION if replication else 0)
             rec = self.pool.create_snapshot(name, vols, flags)
             if writable:
@@ -118,6 +120,40 @@ class SnapshotManagement:
                     vol.writable.add(rec.id)
             self._commit()
             return self._info(rec)
+
+    def free_bytes(self) -> int:
+        """Space new data can still take: the pool's free blocks, and for an image file also
+        what the file system under it has left."""
+        pool = self.pool
+        free = pool.allocator.available * pool.block_size
+        if pool.sb.growable:
+            st = os.statvfs(os.path.dirname(os.path.abspath(self.device.path)) or ".")
+            free += st.f_bavail * st.f_frsize
+        return free
+
+    def _check_snapshot_room(self) -> None:
+        minimum = self.pool.sb.snapshot_min_free * self.pool.block_size
+        if minimum and self.free_bytes() < minimum:
+            raise Refused(
+                f"only {self.free_bytes()} bytes are free, below the {minimum} kept for new "
+                "snapshots (live writes go on): delete snapshots, or lower the minimum with "
+                "'snapctl tune snapshot-min-free=SIZE'"
+            )
+
+    def tune(self, snapshot_min_free: int | None = None) -> dict[str, int]:
+        """Pool settings: the free space below which new snapshots are refused."""
+        with self.lock:
+            if snapshot_min_free is not None:
+                if snapshot_min_free < 0:
+                    raise InvalidArgument("snapshot-min-free must not be negative")
+                bs = self.pool.block_size
+                self.pool.sb.snapshot_min_free = -(-snapshot_min_free // bs)
+                self.pool.sb_dirty = True
+                self._commit()
+            return {
+                "snapshot_min_free": self.pool.sb.snapshot_min_free * self.pool.block_size,
+                "free_bytes": self.free_bytes(),
+            }
 
     def rename_snapshot(self, old: str, new: str) -> None:
         with self.lock:
@@ -509,6 +545,7 @@ class SnapshotManagement:
                 ),
                 "superseded": bool(sb.superseded),
                 "cow": self.cow,
+                "snapshot_min_free": sb.snapshot_min_free * bs,
                 "server_pid": sb.inuse_pid,
                 "time": time.time(),
             }

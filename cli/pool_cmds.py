@@ -28,13 +28,20 @@ from .render import Renderer, human_size, parse_size
     help="Pool block size, a power of two from 4K to 1M.",
 )
 @click.option("--force", is_flag=True, help="Overwrite a disk that holds a file system or pool.")
+@click.option(
+    "--checksum",
+    is_flag=True,
+    help="Keep a CRC-32 of every data block, verified on every read (see scrub).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def format_cmd(disk: str, size: str | None, block_size: str, force: bool, as_json: bool) -> None:
+def format_cmd(
+    disk: str, size: str | None, block_size: str, force: bool, checksum: bool, as_json: bool
+) -> None:
     """Make a pool on DISK: a block device, a partition or an image file (created if missing)."""
 
     def body() -> None:
         result = Engine.format(
-            disk, parse_size(size) if size else None, parse_size(block_size), force
+            disk, parse_size(size) if size else None, parse_size(block_size), force, checksum
         )
         if as_json:
             click.echo(json.dumps(result))
@@ -192,5 +199,30 @@ def tune(obj: Context, settings: tuple[str, ...], as_json: bool) -> None:
                 f"snapshot-min-free={human_size(r['snapshot_min_free'])} "
                 f"(free now: {human_size(r['free_bytes'])})"
             )
+
+    run(body)
+
+
+@main.command(epilog="Example: snapctl -d pool.img scrub")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_obj
+def scrub(obj: Context, as_json: bool) -> None:
+    """Read every data block of live and every snapshot; with data checksums (format
+    --checksum), verify each. Exit 4 if any block is damaged."""
+
+    def body() -> None:
+        with obj.client() as c, Renderer().progress("scrubbing") as advance:
+            r = c.call("scrub", {}, advance)
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+        else:
+            for b in r["bad"]:
+                click.echo(f"ERROR: {b['map']} block {b['block']}: {b['error']}")
+            how = "verified" if r["checksums"] else "read (no data checksums on this pool)"
+            click.echo(
+                f"{r['blocks']} blocks ({human_size(r['bytes'])}) {how}; {len(r['bad'])} damaged"
+            )
+        if r["bad"]:
+            sys.exit(4)
 
     run(body)

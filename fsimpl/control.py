@@ -124,6 +124,8 @@ def dispatch(
         return {"results": results, "freed_bytes": sum(r["freed_bytes"] for r in results)}
     if op == "check":
         return engine.check_committed()
+    if op == "scrub":
+        return engine.scrub(progress)
     if op == "rename":
         engine.rename_snapshot(_name(args, "old"), _name(args, "new"))
         return {}

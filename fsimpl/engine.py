@@ -54,7 +54,7 @@ from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .replication import ReplicationOps
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
-from .volume import COW_COPY, COW_MOVE, Volume
+from .volume import COW_COPY, COW_MOVE, Volume, read_checked
 from .volume_mgmt import VolumeManagement
 
 log = logging.getLogger("dittofs")
@@ -118,6 +118,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         block_size: int = DEFAULT_BLOCK_SIZE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         claim: bool = True,
+        checksums: bool = False,
     ) -> Engine:
         """Open (with create_size and a missing path: create) the pool on path, exclusively."""
         if create_size is not None and not os.path.exists(path):
@@ -134,7 +135,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 raise DittoError(f"cannot create {path}: {e.strerror}") from None
             try:
                 device.lock()
-                pool = Pool.format(device, block_size, create_size, True, cache_bytes)
+                pool = Pool.format(device, block_size, create_size, True, cache_bytes, checksums)
             except BaseException:
                 device.close()
                 os.unlink(path)
@@ -175,6 +176,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         size: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         force: bool = False,
+        checksums: bool = False,
     ) -> dict[str, object]:
         """Make a pool on path: a new image file (size required), an existing file, or a block
         device (live defaults to the device's size; thin either way). Refuses a disk that holds
@@ -208,13 +210,16 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 size = device.size()
                 if size <= 0:
                     raise InvalidArgument(f"{path} is empty: give --size for the live volume")
-            pool = Pool.format(device, block_size, size, not device.is_block_device)
+            pool = Pool.format(
+                device, block_size, size, not device.is_block_device, checksums=checksums
+            )
             return {
                 "disk": path,
                 "block_size": block_size,
                 "live_size": size,
                 "capacity_bytes": pool.allocator.capacity * block_size,
                 "growable": pool.sb.growable,
+                "checksums": checksums,
                 "pool_guid": pool.sb.pool_guid.hex(),
             }
         except BaseException:
@@ -572,6 +577,50 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 "defects": [asdict(d) for d in report.defects],
                 "stats": report.stats,
             }
+
+    def scrub(self, progress: Progress | None = None) -> dict[str, object]:
+        """Read every data block the pool holds (live and every snapshot) and, on a pool with
+        data checksums, verify each against its CRC. The lock is taken per block."""
+        with self.lock:
+            maps = [
+                (f"{v.name}@{self.pool.snapshots[s].name}" if s else v.name, v.ino, s)
+                for v in self.pool.volumes.values()
+                for s in [0, *v.chain]
+            ]
+            total = sum(
+                (v.shadows[s] if s else v.live).inode.owned_blocks
+                for v in self.pool.volumes.values()
+                for s in [0, *v.chain]
+            )
+            checksums = self.pool.ctx.checksums
+        done = 0
+        bad: list[dict[str, object]] = []
+        for label, ino, sid in maps:
+            with self.lock:
+                vol = self.pool.volumes.get(ino)
+                m = None if vol is None else (vol.shadows.get(sid) if sid else vol.live)
+                todo = (
+                    []
+                    if m is None
+                    else [(b, e) for b, e in m.iter_entries() if e.kind == KIND_ADDR]
+                )
+            for b, e in todo:
+                with self.lock:
+                    if m is None or m.get(b) != e:
+                        continue  # changed meanwhile: what it holds now is read elsewhere
+                    try:
+                        read_checked(self.pool.ctx, e)
+                    except DittoError as err:
+                        bad.append({"map": label, "block": b, "address": e.addr, "error": str(err)})
+                done += 1
+                if progress and done % 256 == 0:
+                    progress(done, total)
+        return {
+            "blocks": done,
+            "bytes": done * self.pool.block_size,
+            "checksums": checksums,
+            "bad": bad,
+        }
 
     # --- background work ---------------------------------------------------------------------
 

@@ -66,6 +66,12 @@ class CorruptMetadata(DittoError):
         self.block_type = block_type
 
 
+class CorruptData(DittoError):
+    """A data block failed its checksum (pools formatted with data checksums)."""
+
+    code = "corrupt_data"
+
+
 class PoolBusy(DittoError):
     """Another process holds the pool open."""
 
@@ -190,6 +196,7 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         UnsupportedFormat,
         PoolTruncated,
         CorruptMetadata,
+        CorruptData,
         PoolBusy,
         NoSpace,
         ReadOnlyExport,

@@ -61,7 +61,7 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
             # the entry kept the data's birth in live, so sharing with every older snapshot
             # is exact again
             if e.kind == KIND_ADDR:
-                live.set(b, Entry(KIND_ADDR, e.addr, e.birth))
+                live.set(b, Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum))
             elif e.kind == KIND_HOLE and vol.origin is not None:
                 live.set(b, Entry(KIND_HOLE, 0, e.birth))  # a clone's NONE would read origin
             else:  # a hole of a plain volume, or a clone's origin view
@@ -191,7 +191,7 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
         for i, m, e in todo:
             own = copied.get((i, id(m)))
             if own is not None:
-                m.set(cursor + i, Entry(KIND_ADDR, own, e.birth))
+                m.set(cursor + i, Entry(KIND_ADDR, own, e.birth, csum=origin_view[i].csum))
             elif m is not vol.live:
                 m.set(cursor + i, Entry(KIND_HOLE, 0, e.birth))  # the origin read zeros there
         cursor += count

@@ -26,6 +26,7 @@ from .blockmap import BlockMap
 from .device import Device
 from .errors import CorruptMetadata, NotAPool, PoolTruncated, UnsupportedFormat
 from .layout import (
+    FEATURE_DATA_CHECKSUMS,
     INODE_SHADOW,
     INODE_VOLUME,
     OP_DELETE,
@@ -115,6 +116,7 @@ class Pool:
             block_size=sb.block_size,
             birth=lambda: self.sb.next_snap_id,
             commit=self.commit,
+            checksums=bool(sb.features & FEATURE_DATA_CHECKSUMS),
         )
         self.commits = 0
         self.allocator.commit_need = self._commit_need
@@ -145,6 +147,7 @@ class Pool:
         live_size: int,
         growable: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
+        checksums: bool = False,
     ) -> Pool:
         check_block_size(block_size)
         first = first_data_block(block_size)
@@ -164,6 +167,7 @@ class Pool:
             pool_guid=uuid.uuid4().bytes,
             created_ns=time.time_ns(),
             growable=growable,
+            features=FEATURE_DATA_CHECKSUMS if checksums else 0,
             reserve_blocks=0 if growable else _reserve(capacity),
         )
         # Both slots are wiped first: a power cut during a re-format must not bring back the

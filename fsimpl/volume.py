@@ -30,12 +30,14 @@ keeps birth <= latest, so it is never overwritten in place before it is committe
 from __future__ import annotations
 
 import bisect
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .allocator import Allocator
 from .blockmap import BlockMap
 from .device import Device
+from .errors import CorruptData
 from .layout import (
     EMPTY_ENTRY,
     KIND_ADDR,
@@ -59,6 +61,7 @@ class DataContext:
     block_size: int
     birth: Callable[[], int]  # the pool's next snapshot id
     commit: Callable[[], object]  # make everything so far durable (copy-on-write ordering)
+    checksums: bool = False  # every ADDR entry carries the CRC-32 of its block (format option)
 
 
 class Volume:
@@ -156,6 +159,9 @@ class Volume:
         first = offset // bs
         last = (offset + length - 1) // bs
         entries = self.resolve_range(snap_id, first, last - first + 1)
+        if ctx.checksums:
+            self._read_verified(ctx, entries, first, out, offset)
+            return
         pos = 0
         run_disk = run_pos = run_len = 0
         pread_into = ctx.device.pread_into
@@ -176,6 +182,22 @@ class Volume:
             pos += n
         if run_len:
             pread_into(out[run_pos : run_pos + run_len], run_disk)
+
+    def _read_verified(
+        self, ctx: DataContext, entries: list[Entry], first: int, out: memoryview, offset: int
+    ) -> None:
+        """Read block by block, each whole block checked against its entry's CRC-32."""
+        bs = ctx.block_size
+        pos = 0
+        for i, e in enumerate(entries):
+            b = first + i
+            start = offset + pos - b * bs
+            n = min(bs - start, len(out) - pos)
+            if e.kind == KIND_ADDR:
+                out[pos : pos + n] = read_checked(ctx, e)[start : start + n]
+            else:
+                out[pos : pos + n] = bytes(n)
+            pos += n
 
     def extents(
         self, snap_id: int | None, offset: int, length: int, block_size: int
@@ -215,7 +237,7 @@ class Volume:
     def _preserved(self, b: int, e: Entry) -> Entry:
         """The shadow entry that keeps live's current view of block b for a snapshot."""
         if e.kind == KIND_ADDR:
-            return Entry(KIND_ADDR, e.addr, e.birth)
+            return Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum)
         if (
             e.kind == KIND_NONE
             and self.origin is not None
@@ -246,7 +268,8 @@ class Volume:
         moves = sum(1 for e, sh in zip(entries, shared, strict=True) if e.kind != KIND_ADDR or sh)
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
-        remap: list[tuple[int, Entry, bool, int]] = []  # (block, old entry, shared, new address)
+        remap: list[tuple[int, Entry, bool, int, int]] = []  # block, old, shared, new, CRC
+        resum: list[tuple[int, Entry]] = []  # in-place blocks with their new CRC
         try:
             pos = 0
             for i, e in enumerate(entries):
@@ -256,7 +279,12 @@ class Volume:
                 chunk = data[pos : pos + n]
                 pos += n
                 if e.kind == KIND_ADDR and not shared[i]:
-                    writes.append((e.addr * bs + start, chunk))
+                    if not ctx.checksums:
+                        writes.append((e.addr * bs + start, chunk))
+                        continue
+                    whole = chunk if n == bs else merged_block(ctx, e.addr, start, chunk)
+                    writes.append((e.addr * bs, whole))  # the CRC covers the whole block
+                    resum.append((b, e._replace(csum=zlib.crc32(whole))))
                     continue
                 new = fresh[len(remap)]
                 if n == bs:
@@ -270,16 +298,18 @@ class Volume:
                     merged[start : start + n] = chunk
                     block = memoryview(merged)
                 writes.append((new * bs, block))
-                remap.append((b, e, shared[i], new))
+                remap.append((b, e, shared[i], new, zlib.crc32(block) if ctx.checksums else 0))
             write_coalesced(ctx.device, writes)
         except BaseException:
             ctx.allocator.unallocate(fresh)
             raise
         birth = ctx.birth()
-        for b, e, was_shared, new in remap:
+        for b, e, was_shared, new, crc in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
-            self.live.set(b, Entry(KIND_ADDR, new, birth))
+            self.live.set(b, Entry(KIND_ADDR, new, birth, csum=crc))
+        for b, e in resum:
+            self.live.set(b, e)
 
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
         """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
@@ -305,7 +335,7 @@ class Volume:
         copy_of = dict(zip((b for b, _ in to_copy), copies, strict=True))
         for b, e in shared:
             if e.kind == KIND_ADDR:
-                shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth))
+                shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth, csum=e.csum))
                 self.live.set(b, e._replace(birth=birth))
             else:  # nothing to copy: the snapshot records a hole, or the clone's origin view
                 shadow.set(b, self._preserved(b, e))
@@ -344,6 +374,26 @@ class Volume:
                 live.clear(b)
             else:  # keep the birth: it still says whether b changed since the latest snapshot
                 live.set(b, Entry(zero_kind, 0, e.birth))
+
+
+def merged_block(ctx: DataContext, addr: int, start: int, chunk: memoryview) -> memoryview:
+    """Block addr with chunk written at start (a partial in-place write of a checksummed
+    block has to rewrite it whole)."""
+    buf = ctx.device.pread(ctx.block_size, addr * ctx.block_size)
+    buf[start : start + len(chunk)] = chunk
+    return memoryview(buf)
+
+
+def read_checked(ctx: DataContext, e: Entry) -> bytearray:
+    """The whole block of an ADDR entry, verified against its CRC-32 when the pool keeps
+    checksums: never wrong data, an error naming the block instead."""
+    buf = ctx.device.pread(ctx.block_size, e.addr * ctx.block_size)
+    if ctx.checksums and zlib.crc32(buf) != e.csum:
+        raise CorruptData(
+            f"data block {e.addr} failed its checksum (stored {e.csum:#010x}, read "
+            f"{zlib.crc32(buf):#010x}); run 'snapctl scrub' to find every damaged block"
+        )
+    return buf
 
 
 def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:

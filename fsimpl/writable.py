@@ -18,8 +18,10 @@ written latest snapshot never receives a second entry for the same block.
 
 from __future__ import annotations
 
+import zlib
+
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume, write_coalesced
+from .volume import DataContext, Volume, merged_block, write_coalesced
 
 
 def _plan(vol: Volume, sid: int, first: int, count: int) -> tuple[list[Entry], list[Entry]]:
@@ -61,7 +63,8 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     new_for = fresh[: count - sum(in_place)]
     copy_for = dict(zip(copies_needed, fresh[count - sum(in_place) :], strict=True))
     writes: list[tuple[int, memoryview]] = []
-    remap: list[tuple[int, int]] = []  # (index, new block for S)
+    remap: list[tuple[int, int, int]] = []  # (index, new block for S, its CRC)
+    resum: list[tuple[int, int]] = []  # (index, CRC) of blocks S rewrote in place
     try:
         for i, c in copy_for.items():  # older snapshots keep the view they relied on
             ctx.device.pwrite(ctx.device.pread(bs, views[i].addr * bs), c * bs)
@@ -73,7 +76,12 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             chunk = data[pos : pos + n]
             pos += n
             if in_place[i]:
-                writes.append((own[i].addr * bs + start, chunk))
+                if not ctx.checksums:
+                    writes.append((own[i].addr * bs + start, chunk))
+                    continue
+                whole = chunk if n == bs else merged_block(ctx, own[i].addr, start, chunk)
+                writes.append((own[i].addr * bs, whole))
+                resum.append((i, zlib.crc32(whole)))
                 continue
             new = new_for[len(remap)]
             if n == bs:
@@ -85,12 +93,14 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
                 merged[start : start + n] = chunk
                 block = memoryview(merged)
             writes.append((new * bs, block))
-            remap.append((i, new))
+            remap.append((i, new, zlib.crc32(block) if ctx.checksums else 0))
         write_coalesced(ctx.device, writes)
     except BaseException:
         ctx.allocator.unallocate(fresh)
         raise
-    for i, new in remap:
+    for i, crc in resum:
+        shadow.set(first + i, own[i]._replace(csum=crc))
+    for i, new, crc in remap:
         b = first + i
         if relied[i]:
             assert older is not None
@@ -98,10 +108,10 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             if e.kind in (KIND_ADDR, KIND_HOLE, KIND_ORIGIN):
                 older.set(b, e)  # its block or explicit entry moves down, untouched
             elif i in copy_for:
-                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth))
+                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth, csum=views[i].csum))
             else:  # the view was a hole (or beyond a clone's origin)
                 older.set(b, Entry(KIND_HOLE, 0, views[i].birth))
-        shadow.set(b, Entry(KIND_ADDR, new, sid))
+        shadow.set(b, Entry(KIND_ADDR, new, sid, csum=crc))
 
 
 def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, count: int) -> None:
@@ -131,7 +141,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
             if e.kind != KIND_NONE:
                 older.set(b, e)
             else:
-                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth))
+                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth, csum=views[i].csum))
         elif e.kind == KIND_ADDR:
             ctx.allocator.free(e.addr)
         shadow.set(b, Entry(KIND_HOLE, 0, sid))

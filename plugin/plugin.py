@@ -2,7 +2,7 @@
 
     nbdkit python plugin/plugin.py disk=PATH [size=SIZE] [control=SOCKET] [cow=move|copy]
                                    [block-size=SIZE] [cache=SIZE] [threads=parallel|serialize]
-                                   [nbd=ENDPOINT]
+                                   [nbd=ENDPOINT] [checksum=on]
 
 Exports: `live` (default, read-write), `live@NAME` (read-only snapshot), `live@latest` (the newest
 snapshot when the client connects). Engine errors become errno values for the client (EPERM for
@@ -35,7 +35,7 @@ from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
 API_VERSION = 2
 
 _config: dict[str, str] = {}
-_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads", "nbd")
+_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads", "nbd", "checksum")
 _engine: Engine | None = None
 _control: ControlServer | None = None
 _stop = threading.Event()
@@ -88,6 +88,7 @@ def get_ready() -> None:
             block_size=nbdkit.parse_size(_config.get("block-size", str(DEFAULT_BLOCK_SIZE))),
             cache_bytes=nbdkit.parse_size(_config.get("cache", str(DEFAULT_CACHE_BYTES))),
             claim=False,
+            checksums=_config.get("checksum", "off") in ("on", "yes", "1", "true"),
         )
     except DittoError as e:
         _log(f"error: {e}")

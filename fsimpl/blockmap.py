@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from .chain_index import ChainIndex
 from .layout import (
     BT_MAP_LEAF,
     EMPTY_ENTRY,
@@ -31,6 +32,7 @@ class BlockMap:
         self.inode = inode
         self.dirty_maps = dirty  # the transaction's set of maps to write at commit
         self.version = 0  # bumped on every change: keys caches derived from the entries
+        self.index: ChainIndex | None = None  # a shadow map's volume's index, kept exact here
         self.capacity = map_leaf_capacity(store.block_size)
         self.tree = RadixTree(
             store, inode.ino, BT_MAP_LEAF, self.capacity, inode.root, inode.height
@@ -103,12 +105,15 @@ class BlockMap:
         now_empty = e == EMPTY_ENTRY
         inode = self.inode
         if was_empty != now_empty:
+            if self.index is not None:
+                self.index.entry_changed(self.inode.snap_id, block, was_empty)
             delta = 1 if was_empty else -1
             node.count += delta
             inode.entry_count += delta
             if node.mask is not None:
                 node.mask ^= 1 << index
         inode.owned_blocks += (e.kind == KIND_ADDR) - (old.kind == KIND_ADDR)
+        inode.incomplete_blocks += e.incomplete - old.incomplete
         return old
 
     def clear(self, block: int) -> Entry:
@@ -116,6 +121,8 @@ class BlockMap:
 
     def detach_leaf(self, leaf_no: int) -> Node | None:
         node = self.tree.detach_leaf(leaf_no)
+        if self.index is not None:
+            self.index.leaf_changed(leaf_no)
         self.dirty_maps.add(self)
         self.version += 1
         if node is not None:
@@ -124,16 +131,17 @@ class BlockMap:
 
     def attach_leaf(self, leaf_no: int, node: Node) -> None:
         self.tree.attach_leaf(leaf_no, node)
+        if self.index is not None:
+            self.index.leaf_changed(leaf_no)
         self.dirty_maps.add(self)
         self.version += 1
         self._account_leaf(node, +1)
 
     def _account_leaf(self, node: Node, sign: int) -> None:
-        owned = sum(
-            read_entry(node.buf, i).kind == KIND_ADDR for i in set_bits(self.leaf_mask(node))
-        )
+        entries = [read_entry(node.buf, i) for i in set_bits(self.leaf_mask(node))]
         self.inode.entry_count += sign * node.count
-        self.inode.owned_blocks += sign * owned
+        self.inode.owned_blocks += sign * sum(e.kind == KIND_ADDR for e in entries)
+        self.inode.incomplete_blocks += sign * sum(e.incomplete for e in entries)
 
     def is_empty(self) -> bool:
         return self.inode.entry_count == 0

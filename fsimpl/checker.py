@@ -56,10 +56,12 @@ from .layout import (
     KIND_NONE,
     KIND_ORIGIN,
     OP_ROLLBACK,
+    SECTOR,
     SNAP_ACTIVE,
     SNAP_DELETING,
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
+    Entry,
     InodeRecord,
     Superblock,
     first_data_block,
@@ -196,7 +198,7 @@ class _Walker:
         # nothing may be concluded (or repaired) about free space
         self.complete = True
         self.corrupt: set[int] = set()
-        self.bad_counters: list[tuple[InodeRecord, int, int]] = []
+        self.bad_counters: list[tuple[InodeRecord, int, int, int]] = []
         self.leaked: list[int] = []  # allocated, owned by nothing (known when complete)
         self.owned_free: list[int] = []  # owned, but free in the free map
 
@@ -326,6 +328,7 @@ class _Walker:
         pool = self.pool
         next_id = pool.sb.next_snap_id
         births: dict[int, int] = {}
+        incomplete: list[tuple[int, Entry]] = []
 
         def walk_live() -> None:
             owned = entries = 0
@@ -335,6 +338,8 @@ class _Walker:
                 if e.kind == KIND_ADDR:
                     owned += 1
                     self._own(e.addr, where)
+                    if e.incomplete:
+                        incomplete.append((b, e))
                 elif e.kind not in (KIND_NONE, KIND_HOLE):  # HOLE: a trimmed block of a clone
                     self.report.add(
                         "bad_entry", True, where, f"{where}: live entry of kind {e.kind}"
@@ -347,7 +352,7 @@ class _Walker:
                         f"{where}: birth {e.birth} is beyond next id {next_id}",
                     )
                 births[b] = e.birth
-            self._counters(f"volume {vol.name}", vol.live.inode, owned, entries)
+            self._counters(f"volume {vol.name}", vol.live.inode, owned, entries, len(incomplete))
 
         live_ok = self._guard(f"volume {vol.name}'s map", walk_live)
 
@@ -375,6 +380,10 @@ class _Walker:
                     if e.kind == KIND_ADDR:
                         owned += 1
                         self._own(e.addr, where)
+                        if e.incomplete:
+                            self.report.add(
+                                "bad_entry", True, where, f"{where}: incomplete shadow entry"
+                            )
                     elif e.kind != KIND_HOLE and not (e.kind == KIND_ORIGIN and vol.origin):
                         self.report.add(
                             "bad_entry", True, where, f"{where}: shadow entry of kind {e.kind}"
@@ -395,6 +404,30 @@ class _Walker:
             shadows_ok &= self._guard(f"snapshot {sid} ({name})'s map of {vol.name}", walk_shadow)
         if latest and vol.inode.op != OP_ROLLBACK and live_ok and shadows_ok:
             self._check_sharing(vol, latest, births, recent)
+        if live_ok and shadows_ok:
+            self._check_incomplete(vol, incomplete)
+        self.report.stats["incomplete_blocks"] = self.report.stats.get(
+            "incomplete_blocks", 0
+        ) + len(incomplete)
+
+    def _check_incomplete(self, vol: Volume, incomplete: list[tuple[int, Entry]]) -> None:
+        """A deferred merge's block: a valid range that is a proper part of the block, and a
+        base that a snapshot of the same volume owns at the same block number."""
+        sectors = self.pool.block_size // SECTOR
+        for b, e in incomplete:
+            where = f"volume {vol.name} block {b}"
+            if self.pool.ctx.checksums:
+                problem = "an incomplete block in a pool with data checksums"
+            elif not 0 <= e.valid_lo < e.valid_hi <= sectors or e.valid_hi - e.valid_lo == sectors:
+                problem = f"incomplete block with valid sectors [{e.valid_lo}, {e.valid_hi})"
+            elif not any(
+                o.kind == KIND_ADDR and o.addr == e.base
+                for o in (vol.shadows[s].get(b) for s in vol.chain)
+            ):
+                problem = f"incomplete block whose base {e.base} no snapshot of the volume owns"
+            else:
+                continue
+            self.report.add("bad_incomplete", True, where, f"{where}: {problem}")
 
     def _check_sharing(
         self, vol: Volume, latest: int, births: dict[int, int], recent: set[int]
@@ -424,17 +457,19 @@ class _Walker:
                 f"... {bad - 5} more sharing defects on volume {vol.name}",
             )
 
-    def _counters(self, what: str, inode: InodeRecord, owned: int, entries: int) -> None:
-        rec_owned = inode.owned_blocks
-        rec_entries = inode.entry_count
-        if rec_owned != owned or rec_entries != entries:
-            self.bad_counters.append((inode, owned, entries))
+    def _counters(
+        self, what: str, inode: InodeRecord, owned: int, entries: int, incomplete: int = 0
+    ) -> None:
+        rec = (inode.owned_blocks, inode.entry_count, inode.incomplete_blocks)
+        if rec != (owned, entries, incomplete):
+            self.bad_counters.append((inode, owned, entries, incomplete))
             self.report.add(
                 "counters",
-                False,
+                # too low an incomplete count would let a merge be skipped: not just a statistic
+                inode.incomplete_blocks < incomplete,
                 what,
-                f"{what}: records {rec_owned} blocks / {rec_entries} entries, "
-                f"has {owned} / {entries}",
+                f"{what}: records {rec[0]} blocks / {rec[1]} entries / {rec[2]} incomplete, "
+                f"has {owned} / {entries} / {incomplete}",
             )
 
     def _check_ownership(self) -> None:
@@ -557,13 +592,15 @@ def repair(device: Device) -> RepairReport:
             fixed.append(
                 f"marked {len(walker.owned_free)} blocks in use that the free map called free"
             )
-        for inode, owned, entries in walker.bad_counters:
+        for inode, owned, entries, incomplete in walker.bad_counters:
             fixed.append(
                 f"inode {inode.ino}: block count {inode.owned_blocks} -> {owned}, entry count "
-                f"{inode.entry_count} -> {entries}"
+                f"{inode.entry_count} -> {entries}, incomplete count "
+                f"{inode.incomplete_blocks} -> {incomplete}"
             )
             inode.owned_blocks = owned
             inode.entry_count = entries
+            inode.incomplete_blocks = incomplete
             pool.touch_inode(inode)
         if count_wrong:
             fixed.append(f"superblock used-block count {sb_used} -> {alloc.used_blocks}")

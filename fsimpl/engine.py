@@ -54,12 +54,13 @@ from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .replication import ReplicationOps
 from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
-from .volume import COW_COPY, COW_MOVE, Volume, read_checked
+from .volume import COW_COPY, COW_MOVE, MERGE_DEFERRED, MERGE_IMMEDIATE, Volume, read_checked
 from .volume_mgmt import VolumeManagement
 
 log = logging.getLogger("dittofs")
 
 COMMIT_INTERVAL = 5.0
+MERGE_IDLE = 1.0  # seconds without live writes before deferred merges run in the background
 STEP_SECONDS = 0.02
 EXTENTS_MAX_BLOCKS = 1 << 16
 
@@ -89,13 +90,19 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
-    def __init__(self, device: Device, pool: Pool, cow: str, cache_bytes: int) -> None:
+    def __init__(
+        self, device: Device, pool: Pool, cow: str, cache_bytes: int, merge: str = MERGE_DEFERRED
+    ) -> None:
         if cow not in (COW_MOVE, COW_COPY):
             raise InvalidArgument(f"cow={cow}: use cow=move or cow=copy")
+        if merge not in (MERGE_DEFERRED, MERGE_IMMEDIATE):
+            raise InvalidArgument(f"merge={merge}: use merge=deferred or merge=immediate")
         self.device = device
         self.pool = pool
         pool.ctx.commit = self._commit  # copy-on-write commits get the reload-on-failure path
         self.cow = cow
+        self.defer_merge = merge == MERGE_DEFERRED
+        self.last_write = 0.0  # monotonic time of the last live write (background merges wait)
         self.cache_bytes = cache_bytes
         self.lock = threading.RLock()
         self.last_commit = time.monotonic()
@@ -114,6 +121,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         path: str,
         *,
         cow: str = COW_MOVE,
+        merge: str = MERGE_DEFERRED,
         create_size: int | None = None,
         block_size: int = DEFAULT_BLOCK_SIZE,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
@@ -165,7 +173,11 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
             except BaseException:
                 device.close()
                 raise
-        engine = cls(device, pool, cow, cache_bytes)
+        try:
+            engine = cls(device, pool, cow, cache_bytes, merge)
+        except BaseException:
+            device.close()
+            raise
         if claim:
             engine.claim(os.getpid())
         return engine
@@ -310,6 +322,8 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
         with self.lock:
             self._usable()
             more = self._background_step()
+            if not more and time.monotonic() - self.last_write >= MERGE_IDLE:
+                more = self._merge_step()
             if self.pool.is_dirty and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
                 self._commit()
             return more
@@ -483,7 +497,8 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
     def _put(self, vol: Volume, ex: Export, data: memoryview, offset: int) -> None:
         """Write into the volume or, for a writable snapshot export, into the snapshot."""
         if ex.snap_id is None:
-            vol.write(self.pool.ctx, data, offset, self.cow)
+            self.last_write = time.monotonic()
+            vol.write(self.pool.ctx, data, offset, self.cow, self.defer_merge)
         else:
             writable.write_snapshot(self.pool.ctx, vol, ex.snap_id, data, offset)
 
@@ -686,7 +701,8 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
             elif op == OP_DELETE:
                 if pool.clones_of(vol):
                     continue  # its clones go first
-                maps = [vol.shadows[s] for s in vol.chain] + [vol.live]
+                # live first: its incomplete blocks point into the snapshots' blocks
+                maps = [vol.live] + [vol.shadows[s] for s in vol.chain]
                 if all(snapops.free_map_step(pool.ctx, m, stop) for m in maps):
                     pool.finish_volume_delete(vol)
                     self._commit()
@@ -703,6 +719,23 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
             self._keep_commit_room()
             return True
         return False
+
+    def _merge_step(self) -> bool:
+        """Complete deferred merges while the pool is idle, a bounded batch at a time. True
+        while incomplete blocks remain."""
+        stop = self._step_budget()
+        for vol in self.pool.volumes.values():
+            if vol.inode.op != OP_NONE:
+                continue  # being rolled back, deleted, flattened or received: not now
+            if not vol.incomplete:
+                vol.find_incomplete(stop)
+            while vol.incomplete and not stop():
+                vol.settle(self.pool.ctx, next(iter(vol.incomplete)))
+        self._keep_commit_room()
+        return any(
+            v.inode.op == OP_NONE and v.live.inode.incomplete_blocks and not v.scanned_all
+            for v in self.pool.volumes.values()
+        )
 
     def _keep_commit_room(self) -> None:
         """Commit now if the open transaction has eaten into the reserve: a commit must always

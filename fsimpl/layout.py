@@ -389,16 +389,21 @@ KIND_ADDR = 1
 KIND_HOLE = 2
 KIND_ORIGIN = 3
 
-ENTRY_INCOMPLETE = 0x01  # deferred copy-on-write: only [valid_lo, valid_hi) sectors are here
+# Deferred copy-on-write (US 6,748,504): a partial first write after a snapshot leaves live's
+# new block *incomplete*: only sectors [valid_lo, valid_hi) are in it, the rest of the block
+# still reads from `base`, the old block the latest snapshot took. Only live maps hold
+# incomplete entries, never in pools with data checksums (a CRC needs the whole block).
+ENTRY_INCOMPLETE = 0x01
+SECTOR = 512  # unit of the valid range
 
 MAP_ENTRY = struct.Struct(
     "<Q"  # addr (bits 0-47) | kind (48-55) | flags (56-63)
     "I"  # birth: pool.next_snap_id when live last changed this block (the O(1) sharing test);
     # a shadow entry keeps the birth the preserved data had in live
-    "H"  # valid range start, 512-byte sectors (incomplete entries)
+    "H"  # valid range start, sectors (incomplete entries)
     "H"  # valid range end
-    "I"  # data checksum (pools formatted with data checksums)
-    "4x"
+    "Q"  # complete entries: data checksum in the low 32 bits (pools formatted with data
+    # checksums); incomplete entries: the base block
 )
 ENTRY_SIZE = 24
 assert MAP_ENTRY.size == ENTRY_SIZE
@@ -413,6 +418,11 @@ class Entry(NamedTuple):
     valid_lo: int = 0
     valid_hi: int = 0
     csum: int = 0
+    base: int = 0  # incomplete entries: the block the bytes outside the valid range are in
+
+    @property
+    def incomplete(self) -> bool:
+        return bool(self.flags & ENTRY_INCOMPLETE)
 
 
 EMPTY_ENTRY = Entry(KIND_NONE)
@@ -424,8 +434,11 @@ def map_leaf_capacity(block_size: int) -> int:
 
 
 def read_entry(buf: bytes | bytearray, index: int) -> Entry:
-    word, birth, lo, hi, csum = MAP_ENTRY.unpack_from(buf, HEADER_SIZE + ENTRY_SIZE * index)
-    return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, word >> 56, lo, hi, csum)
+    word, birth, lo, hi, tail = MAP_ENTRY.unpack_from(buf, HEADER_SIZE + ENTRY_SIZE * index)
+    flags = word >> 56
+    if flags & ENTRY_INCOMPLETE:
+        return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, lo, hi, 0, tail)
+    return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, lo, hi, tail & 0xFFFFFFFF)
 
 
 def write_entry(buf: bytearray, index: int, e: Entry) -> None:
@@ -436,7 +449,7 @@ def write_entry(buf: bytearray, index: int, e: Entry) -> None:
         e.birth,
         e.valid_lo,
         e.valid_hi,
-        e.csum,
+        e.base if e.flags & ENTRY_INCOMPLETE else e.csum,
     )
 
 
@@ -470,6 +483,7 @@ INODE_RECORD = struct.Struct(
     "Q"  # incarnation: bumped when live is replaced (rollback), so old connections notice
     "Q"  # shadow: data blocks the snapshot's view referenced when it was taken
     "64s"  # volume name (volumes only)
+    "Q"  # incomplete entries in the map (deferred merges; 0: none to look for)
 )
 INODE_RECORD_SIZE = 256
 assert INODE_RECORD.size <= INODE_RECORD_SIZE
@@ -502,6 +516,7 @@ class InodeRecord:
     incarnation: int = 0
     referenced_blocks: int = 0
     name: str = ""
+    incomplete_blocks: int = 0
 
 
 def record_capacity(block_size: int, record_size: int) -> int:
@@ -531,6 +546,7 @@ def read_inode(buf: bytes | bytearray, index: int) -> InodeRecord | None:
         incarnation=f[15],
         referenced_blocks=f[16],
         name=f[17].rstrip(b"\0").decode(),
+        incomplete_blocks=f[18],
     )
 
 
@@ -560,6 +576,7 @@ def write_inode(buf: bytearray, index: int, r: InodeRecord | None) -> None:
         r.incarnation,
         r.referenced_blocks,
         r.name.encode(),
+        r.incomplete_blocks,
     )
 
 

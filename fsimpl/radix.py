@@ -156,6 +156,9 @@ class RadixTree:
         self.height = height  # interior levels above the leaves
         self.root_node: Node | None = None  # pinned only while dirty
         self.fanout = store.fanout
+        # the leaf read last: sequential and repeated reads skip the walk; any change to the
+        # tree's shape forgets it (a leaf changed in place stays the same object)
+        self._last: tuple[int, Node] | None = None
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -179,6 +182,15 @@ class RadixTree:
 
     def leaf(self, leaf_no: int) -> Node | None:
         """The leaf holding records [leaf_no * capacity, ...), or None if it is absent."""
+        last = self._last
+        if last is not None and last[0] == leaf_no:
+            return last[1]
+        node = self._leaf(leaf_no)
+        if node is not None:
+            self._last = (leaf_no, node)
+        return node
+
+    def _leaf(self, leaf_no: int) -> Node | None:
         node = self._root()
         if node is None:
             return None
@@ -263,6 +275,10 @@ class RadixTree:
 
     def leaf_for_write(self, leaf_no: int) -> Node:
         """The leaf for leaf_no, dirty and pinned (created zeroed if absent)."""
+        last = self._last
+        if last is not None and last[0] == leaf_no and last[1].dirty:
+            return last[1]  # already dirty and pinned in this tree
+        self._last = None
         self._grow_to(leaf_no)
         node = self._dirty_root()
         level = self.height
@@ -288,9 +304,11 @@ class RadixTree:
 
     def detach_leaf(self, leaf_no: int) -> Node | None:
         """Remove a leaf from this tree and return it (dirty), for attaching to another tree."""
+        self._last = None
         if self.leaf(leaf_no) is None:
             return None
         node = self.leaf_for_write(leaf_no)
+        self._last = None
         if self.height == 0:
             self.root_node = None
             self.root_addr = 0
@@ -302,6 +320,7 @@ class RadixTree:
     def attach_leaf(self, leaf_no: int, leaf: Node) -> None:
         """Install a dirty leaf where this tree has none."""
         assert leaf.dirty and self.leaf(leaf_no) is None
+        self._last = None
         self._grow_to(leaf_no)
         if self.height == 0:
             self.root_node = leaf
@@ -350,6 +369,7 @@ class RadixTree:
         """Write every dirty node; afterwards root_addr/height describe the tree on disk."""
         if self.root_node is None:
             return
+        self._last = None  # an emptied leaf is dropped by the commit
         addr = self._commit_node(self.root_node, self.height, 0, allocate, keep_empty)
         self.root_node = None
         self.root_addr = addr
@@ -382,6 +402,7 @@ class RadixTree:
     def free_all(self) -> int:
         """Free every node of the tree (its records must already be disposed of). Returns the
         number of nodes freed. Leaves are freed without being read."""
+        self._last = None
         freed = 0
         if self.root_node is not None:
             freed += self._free_dirty(self.root_node, self.height)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 from .blockmap import BlockMap
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume
+from .volume import DataContext, Volume, read_block
 
 
 def delete_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], bool]) -> bool:
@@ -40,6 +40,7 @@ def delete_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], 
                 if older is not None and older.get(b) == EMPTY_ENTRY:
                     older.set(b, e)
                 elif e.kind == KIND_ADDR:
+                    vol.settle_base(ctx, b, e.addr)
                     ctx.allocator.free(e.addr)
             shadow.detach_leaf(leaf_no)  # emptied: dropped, its old address freed
         if stop():
@@ -182,8 +183,7 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
         copies = ctx.allocator.allocate_many(len(data), 2 * len(vol.chain) + 8)
         try:
             for (i, _, _), c in zip(data, copies, strict=True):
-                src = origin_view[i].addr * bs
-                ctx.device.pwrite(ctx.device.pread(bs, src), c * bs)
+                ctx.device.pwrite(read_block(ctx, origin_view[i]), c * bs)
         except BaseException:
             ctx.allocator.unallocate(copies)
             raise

@@ -11,7 +11,12 @@ Ownership is unique: each data block belongs to the live map or to exactly one s
     shared  <=>  latest != 0 and entry.birth <= latest
 The first write to a shared block preserves it for the latest snapshot:
 * move-on-write (default): the old block is handed, untouched, to the latest snapshot's shadow
-  map and the new data goes to a fresh block (a partial write merges the old contents);
+  map and the new data goes to a fresh block. A partial write either merges the old contents
+  (merge=immediate) or, by default, defers the merge (US 6,748,504, FIG. 13B/13C): only the
+  new bytes are written and live's entry is *incomplete*, with the valid range and the old
+  block as its base. Later writes extend the range; the rest is merged in when the range is
+  whole, when the base is about to be freed or rewritten (`settle`), when the block is shared
+  with a newer snapshot, or in the background when the pool is idle;
 * copy-on-write (FIG. 13A): the old contents are copied to a fresh block for the snapshot, the
   copy and its map entry are committed, then live is overwritten in place. All first writes of
   one request share one commit.
@@ -35,21 +40,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .allocator import Allocator
-from .blockmap import BlockMap
+from .blockmap import BlockMap, set_bits
+from .chain_index import WALK, ChainIndex
 from .device import Device
-from .errors import CorruptData
+from .errors import CorruptData, DittoError
 from .layout import (
     EMPTY_ENTRY,
+    ENTRY_INCOMPLETE,
     KIND_ADDR,
     KIND_HOLE,
     KIND_NONE,
     KIND_ORIGIN,
+    SECTOR,
     Entry,
     InodeRecord,
 )
 
 COW_MOVE = "move"
 COW_COPY = "copy"
+MERGE_DEFERRED = "deferred"  # a partial first write leaves an incomplete block (default)
+MERGE_IMMEDIATE = "immediate"  # a partial first write reads the old block and merges at once
 
 
 @dataclass
@@ -70,10 +80,16 @@ class Volume:
         self.live = live
         self.chain: list[int] = []  # ids of snapshots covering this volume, oldest first
         self.shadows: dict[int, BlockMap] = {}
+        self.index = ChainIndex(live.capacity, self._leaf_entries)  # who holds each block
         # snapshot id -> ((its map version, older id, older map version), unique blocks)
         self.unique_cache: dict[int, tuple[tuple[int, int, int], int]] = {}
         self.origin: Volume | None = None  # a clone's origin volume (inode.origin_snap: its snap)
         self.writable: set[int] = set()  # snapshots of this volume exported read-write
+        # incomplete blocks waiting for the background merge: the ones this process made, and
+        # the ones an earlier run left, found by scanning live's map from scan_leaf on
+        self.incomplete: set[int] = set()
+        self.scan_leaf = 0
+        self.scanned_all = False  # a whole pass found none (the count was stale): stop looking
 
     @property
     def name(self) -> str:
@@ -91,11 +107,31 @@ class Volume:
     def add_shadow(self, snap_id: int, shadow: BlockMap) -> None:
         bisect.insort(self.chain, snap_id)
         self.shadows[snap_id] = shadow
+        shadow.index = self.index
+        self.index.clear()
 
     def remove_shadow(self, snap_id: int) -> None:
         self.chain.remove(snap_id)
-        del self.shadows[snap_id]
+        self.shadows.pop(snap_id).index = None
         self.unique_cache.pop(snap_id, None)
+        self.index.clear()
+
+    def _leaf_entries(self, leaf_no: int) -> tuple[list[tuple[int, int]], list[int]]:
+        """(snapshot id, block) of every shadow entry in one leaf range, oldest id first, and
+        the ids of the maps whose leaf there cannot be read."""
+        base = leaf_no * self.live.capacity
+        pairs: list[tuple[int, int]] = []
+        broken: list[int] = []
+        for sid in self.chain:
+            m = self.shadows[sid]
+            try:
+                node = m.tree.leaf(leaf_no)
+            except DittoError:
+                broken.append(sid)
+                continue
+            if node is not None and node.count:
+                pairs.extend((sid, base + i) for i in set_bits(m.leaf_mask(node)))
+        return pairs, broken
 
     def older_than(self, snap_id: int) -> int:
         """The next older snapshot of this volume (0: none)."""
@@ -135,17 +171,25 @@ class Volume:
     def _own_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
         if snap_id is None:
             return self.live_range(first, count)
-        found: list[Entry | None] = [None] * count
-        missing = count
-        for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
-            for b, e in self.shadows[sid].entries_in(first, count):
-                if found[b - first] is None:
-                    found[b - first] = e
-                    missing -= 1
-            if not missing:
-                break
+        serving = self.index.serving
+        shadows = self.shadows
         get = self.live.get
-        return [e if e is not None else get(first + i) for i, e in enumerate(found)]
+        out: list[Entry] = []
+        for b in range(first, first + count):
+            sid = serving(snap_id, b)
+            if sid == WALK:
+                out.append(self._walk(snap_id, b))
+            else:
+                out.append(shadows[sid].get(b) if sid else get(b))
+        return out
+
+    def _walk(self, snap_id: int, b: int) -> Entry:
+        """FIG. 10 literally, map by map: raises at a map that cannot be read."""
+        for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
+            e = self.shadows[sid].get(b)
+            if e != EMPTY_ENTRY:
+                return e
+        return self.live.get(b)
 
     def live_range(self, first: int, count: int) -> list[Entry]:
         get = self.live.get
@@ -158,6 +202,13 @@ class Volume:
         length = len(out)
         first = offset // bs
         last = (offset + length - 1) // bs
+        if first == last and snap_id is None and self.origin is None and not ctx.checksums:
+            e = self.live.get(first)  # the common small read, without the general machinery
+            if e.kind == KIND_ADDR:
+                read_view_into(ctx, e, out, offset - first * bs)
+            else:
+                out[:] = bytes(length)
+            return
         entries = self.resolve_range(snap_id, first, last - first + 1)
         if ctx.checksums:
             self._read_verified(ctx, entries, first, out, offset)
@@ -169,7 +220,7 @@ class Volume:
             b = first + i
             start = offset + pos - b * bs
             n = min(bs - start, length - pos)
-            if e.kind == KIND_ADDR:
+            if e.kind == KIND_ADDR and not e.flags:
                 disk = e.addr * bs + start
                 if run_len and run_disk + run_len == disk and run_pos + run_len == pos:
                     run_len += n
@@ -177,6 +228,8 @@ class Volume:
                     if run_len:
                         pread_into(out[run_pos : run_pos + run_len], run_disk)
                     run_disk, run_pos, run_len = disk, pos, n
+            elif e.kind == KIND_ADDR:
+                read_view_into(ctx, e, out[pos : pos + n], start)
             else:
                 out[pos : pos + n] = bytes(n)
             pos += n
@@ -236,6 +289,7 @@ class Volume:
 
     def _preserved(self, b: int, e: Entry) -> Entry:
         """The shadow entry that keeps live's current view of block b for a snapshot."""
+        assert not e.incomplete, "an incomplete block is settled before a snapshot takes it"
         if e.kind == KIND_ADDR:
             return Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum)
         if (
@@ -252,24 +306,122 @@ class Volume:
         if self.origin is not None:
             e = self.resolve_range(None, b, 1)[0]
             if e.kind == KIND_ADDR:
-                ctx.device.pread_into(buf, e.addr * ctx.block_size)
+                read_view_into(ctx, e, memoryview(buf), 0)
 
-    def write(self, ctx: DataContext, data: memoryview, offset: int, cow: str) -> None:
+    # --- deferred merges ----------------------------------------------------------------------
+
+    def settle(self, ctx: DataContext, b: int) -> Entry:
+        """Complete live's block b if it is incomplete: copy the bytes outside its valid range
+        from the base into it. Those bytes are unused under the committed entry, so writing them
+        is invisible until the completed entry commits (after the data, like any remap)."""
+        e = self.live.get(b)
+        self.incomplete.discard(b)
+        if not e.incomplete:
+            return e
+        bs = ctx.block_size
+        lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+        for a, z in ((0, lo), (hi, bs)):
+            if a < z:
+                ctx.device.pwrite(ctx.device.pread(z - a, e.base * bs + a), e.addr * bs + a)
+        done = Entry(KIND_ADDR, e.addr, e.birth)
+        self.live.set(b, done)
+        return done
+
+    def settle_base(self, ctx: DataContext, b: int, addr: int) -> None:
+        """Block addr (a snapshot's block b) is about to be freed or rewritten: complete live's
+        block b first if addr is its base."""
+        if not self.live.inode.incomplete_blocks:
+            return  # the common case, without reading live's map
+        e = self.live.get(b)
+        if e.incomplete and e.base == addr:
+            self.settle(ctx, b)
+
+    def settle_range(self, ctx: DataContext, first: int, count: int) -> None:
+        """Complete every incomplete live block in [first, first + count)."""
+        if not self.live.inode.incomplete_blocks:
+            return
+        for b, e in self.live.entries_in(first, count):
+            if e.incomplete:
+                self.settle(ctx, b)
+
+    def find_incomplete(self, stop: Callable[[], bool]) -> None:
+        """Scan live's map for incomplete blocks an earlier run left (its inode counts them),
+        a leaf at a time from scan_leaf on, until some are found or stop() says enough."""
+        if not self.live.inode.incomplete_blocks or self.scanned_all:
+            return
+        cap = self.live.capacity
+        whole_pass = self.scan_leaf == 0
+        for leaf_no in list(self.live.leaf_numbers(self.scan_leaf)):
+            for b, e in self.live.entries_in(leaf_no * cap, cap):
+                if e.incomplete:
+                    self.incomplete.add(b)
+            self.scan_leaf = leaf_no + 1
+            if self.incomplete or stop():
+                return
+        self.scan_leaf = 0  # wrapped round: blocks written meanwhile are in the set already
+        self.scanned_all = whole_pass
+
+    def _extend(
+        self, ctx: DataContext, e: Entry, start: int, n: int, writes: list[tuple[int, memoryview]]
+    ) -> Entry:
+        """An aligned write of n bytes at start into live's own incomplete block: the valid
+        range grows to cover it, a gap between the two filled from the base."""
+        bs = ctx.block_size
+        lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+        end = start + n
+        gap = (end, lo) if end < lo else (hi, start) if start > hi else None
+        if gap is not None:
+            a, z = gap
+            writes.append((e.addr * bs + a, memoryview(ctx.device.pread(z - a, e.base * bs + a))))
+        lo, hi = min(lo, start), max(hi, end)
+        if lo == 0 and hi == bs:
+            return Entry(KIND_ADDR, e.addr, e.birth)
+        return e._replace(valid_lo=lo // SECTOR, valid_hi=hi // SECTOR)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def write(
+        self, ctx: DataContext, data: memoryview, offset: int, cow: str, defer: bool = False
+    ) -> None:
         """Write data at offset. The blocks it needs are allocated first and written before any
-        map changes, so a failed write leaves the maps (and every other byte) as they were."""
+        map changes, so a failed write leaves the maps (and every other byte) as they were.
+        defer: a partial first write of a shared block defers the merge (move-on-write only)."""
         bs = ctx.block_size
         first = offset // bs
         last = (offset + len(data) - 1) // bs
         latest = self.inode.snap_id
+        if first == last and not ctx.checksums:
+            e = self.live.get(first)
+            if e.kind == KIND_ADDR and not e.flags:
+                start = offset - first * bs
+                if not (latest and e.birth <= latest):
+                    # live owns the block outright: the common small overwrite, in place
+                    ctx.device.pwrite(data, e.addr * bs + start)
+                    return
+                aligned = start % SECTOR == 0 and len(data) % SECTOR == 0
+                if (
+                    defer
+                    and cow == COW_MOVE
+                    and aligned
+                    and self._deferred_first_write(ctx, first, e, data, start)
+                ):
+                    return
         if cow == COW_COPY and latest:
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
+        aligned = offset % SECTOR == 0 and len(data) % SECTOR == 0
+        for i, e in enumerate(entries):
+            if e.incomplete and (not aligned or self._shared(first + i, e, latest)):
+                # a snapshot takes only whole blocks; an unaligned write cannot extend a range
+                entries[i] = self.settle(ctx, first + i)
+        defer = defer and aligned and cow == COW_MOVE and not ctx.checksums
         shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
         moves = sum(1 for e, sh in zip(entries, shared, strict=True) if e.kind != KIND_ADDR or sh)
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
-        remap: list[tuple[int, Entry, bool, int, int]] = []  # block, old, shared, new, CRC
-        resum: list[tuple[int, Entry]] = []  # in-place blocks with their new CRC
+        remap: list[tuple[int, Entry, bool, Entry]] = []  # block, old entry, shared, new entry
+        resum: list[tuple[int, Entry]] = []  # in-place blocks with their new entry
+        birth = ctx.birth()
         try:
             pos = 0
             for i, e in enumerate(entries):
@@ -279,6 +431,10 @@ class Volume:
                 chunk = data[pos : pos + n]
                 pos += n
                 if e.kind == KIND_ADDR and not shared[i]:
+                    if e.incomplete:
+                        writes.append((e.addr * bs + start, chunk))
+                        resum.append((b, self._extend(ctx, e, start, n, writes)))
+                        continue
                     if not ctx.checksums:
                         writes.append((e.addr * bs + start, chunk))
                         continue
@@ -287,29 +443,65 @@ class Volume:
                     resum.append((b, e._replace(csum=zlib.crc32(whole))))
                     continue
                 new = fresh[len(remap)]
+                if n < bs and defer and e.kind == KIND_ADDR:
+                    # the old block stays whole for the snapshot; live's reads outside the new
+                    # bytes go to it until the merge
+                    writes.append((new * bs + start, chunk))
+                    lo, hi = start // SECTOR, (start + n) // SECTOR
+                    part = Entry(KIND_ADDR, new, birth, ENTRY_INCOMPLETE, lo, hi, base=e.addr)
+                    remap.append((b, e, shared[i], part))
+                    continue
                 if n == bs:
                     block: memoryview = chunk
                 else:
                     merged = bytearray(bs)
                     if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
-                        ctx.device.pread_into(merged, e.addr * bs)
+                        read_view_into(ctx, e, memoryview(merged), 0)
                     elif e.kind == KIND_NONE:
                         self._base_into(ctx, b, merged)
                     merged[start : start + n] = chunk
                     block = memoryview(merged)
                 writes.append((new * bs, block))
-                remap.append((b, e, shared[i], new, zlib.crc32(block) if ctx.checksums else 0))
+                crc = zlib.crc32(block) if ctx.checksums else 0
+                remap.append((b, e, shared[i], Entry(KIND_ADDR, new, birth, csum=crc)))
             write_coalesced(ctx.device, writes)
         except BaseException:
             ctx.allocator.unallocate(fresh)
             raise
-        birth = ctx.birth()
-        for b, e, was_shared, new, crc in remap:
+        for b, e, was_shared, now in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
-            self.live.set(b, Entry(KIND_ADDR, new, birth, csum=crc))
+            self.live.set(b, now)
+            if now.incomplete:
+                self.incomplete.add(b)
         for b, e in resum:
             self.live.set(b, e)
+            if not e.incomplete:
+                self.incomplete.discard(b)
+
+    def _deferred_first_write(
+        self, ctx: DataContext, b: int, e: Entry, data: memoryview, start: int
+    ) -> bool:
+        """The common first write after a snapshot, a few sectors into one shared block, without
+        the general machinery: the snapshot takes the block, live gets a new incomplete one
+        with just these bytes. False if the block turns out not to be shared after all."""
+        latest = self.inode.snap_id
+        shadow = self.shadows[latest]
+        if shadow.get(b) != EMPTY_ENTRY or len(data) == ctx.block_size:
+            return False
+        new = ctx.allocator.allocate_many(1, self._headroom(b, b))
+        try:
+            ctx.device.pwrite(data, new[0] * ctx.block_size + start)
+        except BaseException:
+            ctx.allocator.unallocate(new)
+            raise
+        shadow.set(b, Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum))
+        lo, hi = start // SECTOR, (start + len(data)) // SECTOR
+        self.live.set(
+            b, Entry(KIND_ADDR, new[0], ctx.birth(), ENTRY_INCOMPLETE, lo, hi, base=e.addr)
+        )
+        self.incomplete.add(b)
+        return True
 
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
         """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
@@ -327,14 +519,14 @@ class Volume:
         copies = ctx.allocator.allocate_many(len(to_copy), self._headroom(first, last))
         try:
             for (_, e), copy in zip(to_copy, copies, strict=True):
-                ctx.device.pwrite(ctx.device.pread(bs, e.addr * bs), copy * bs)
+                ctx.device.pwrite(read_block(ctx, e), copy * bs)
         except BaseException:
             ctx.allocator.unallocate(copies)
             raise
         birth = ctx.birth()
         copy_of = dict(zip((b for b, _ in to_copy), copies, strict=True))
         for b, e in shared:
-            if e.kind == KIND_ADDR:
+            if e.kind == KIND_ADDR:  # the copy is whole even if live's block is incomplete
                 shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth, csum=e.csum))
                 self.live.set(b, e._replace(birth=birth))
             else:  # nothing to copy: the snapshot records a hole, or the clone's origin view
@@ -365,9 +557,12 @@ class Volume:
                     live.clear(b)  # no snapshot needs to know it ever changed
                 continue  # the view does not change: nothing to preserve or free
             if self._shared(b, e, latest):
+                if e.incomplete:
+                    e = self.settle(ctx, b)
                 self.shadows[latest].set(b, self._preserved(b, e))
                 live.set(b, Entry(zero_kind, 0, birth))
                 continue
+            self.incomplete.discard(b)
             if e.kind == KIND_ADDR:
                 ctx.allocator.free(e.addr)
             if latest == 0 and not clone:
@@ -384,9 +579,33 @@ def merged_block(ctx: DataContext, addr: int, start: int, chunk: memoryview) -> 
     return memoryview(buf)
 
 
+def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:
+    """Bytes [start, start + len(out)) of the block an ADDR entry describes: an incomplete
+    block's valid range from its own block, the rest from its base."""
+    bs = ctx.block_size
+    if not e.flags & ENTRY_INCOMPLETE:
+        ctx.device.pread_into(out, e.addr * bs + start)
+        return
+    lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+    end = start + len(out)
+    for a, z, addr in ((start, lo, e.base), (lo, hi, e.addr), (hi, end, e.base)):
+        a, z = max(a, start), min(z, end)
+        if a < z:
+            ctx.device.pread_into(out[a - start : z - start], addr * bs + a)
+
+
+def read_block(ctx: DataContext, e: Entry) -> bytearray:
+    """The whole block an ADDR entry describes (unverified)."""
+    buf = bytearray(ctx.block_size)
+    read_view_into(ctx, e, memoryview(buf), 0)
+    return buf
+
+
 def read_checked(ctx: DataContext, e: Entry) -> bytearray:
     """The whole block of an ADDR entry, verified against its CRC-32 when the pool keeps
     checksums: never wrong data, an error naming the block instead."""
+    if e.incomplete:  # never in a pool with checksums
+        return read_block(ctx, e)
     buf = ctx.device.pread(ctx.block_size, e.addr * ctx.block_size)
     if ctx.checksums and zlib.crc32(buf) != e.csum:
         raise CorruptData(

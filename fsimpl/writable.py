@@ -21,7 +21,7 @@ from __future__ import annotations
 import zlib
 
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume, merged_block, write_coalesced
+from .volume import DataContext, Volume, merged_block, read_block, read_view_into, write_coalesced
 
 
 def _plan(vol: Volume, sid: int, first: int, count: int) -> tuple[list[Entry], list[Entry]]:
@@ -46,6 +46,7 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     first = offset // bs
     last = (offset + len(data) - 1) // bs
     count = last - first + 1
+    vol.settle_range(ctx, first, count)  # a snapshot's block may be live's base
     shadow = vol.shadows[sid]
     older_id = vol.older_than(sid)
     older = vol.shadows[older_id] if older_id else None
@@ -67,7 +68,7 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     resum: list[tuple[int, int]] = []  # (index, CRC) of blocks S rewrote in place
     try:
         for i, c in copy_for.items():  # older snapshots keep the view they relied on
-            ctx.device.pwrite(ctx.device.pread(bs, views[i].addr * bs), c * bs)
+            ctx.device.pwrite(read_block(ctx, views[i]), c * bs)
         pos = 0
         for i in range(count):
             b = first + i
@@ -89,7 +90,7 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             else:
                 merged = bytearray(bs)
                 if views[i].kind == KIND_ADDR:
-                    ctx.device.pread_into(merged, views[i].addr * bs)
+                    read_view_into(ctx, views[i], memoryview(merged), 0)
                 merged[start : start + n] = chunk
                 block = memoryview(merged)
             writes.append((new * bs, block))
@@ -118,6 +119,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
     """Whole blocks [first, first + count) of snapshot sid read zeros from now on (trim, zero),
     older snapshots keeping what they read."""
     bs = ctx.block_size
+    vol.settle_range(ctx, first, count)  # a snapshot's block may be live's base
     shadow = vol.shadows[sid]
     older_id = vol.older_than(sid)
     older = vol.shadows[older_id] if older_id else None
@@ -128,7 +130,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
     copies = ctx.allocator.allocate_many(len(copies_needed), _room(vol, sid, first, count))
     try:
         for i, c in zip(copies_needed, copies, strict=True):
-            ctx.device.pwrite(ctx.device.pread(bs, views[i].addr * bs), c * bs)
+            ctx.device.pwrite(read_block(ctx, views[i]), c * bs)
     except BaseException:
         ctx.allocator.unallocate(copies)
         raise

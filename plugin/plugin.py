@@ -1,8 +1,8 @@
 """dittofs as an nbdkit Python plugin: translate nbdkit callbacks into engine calls.
 
     nbdkit python plugin/plugin.py disk=PATH [size=SIZE] [control=SOCKET] [cow=move|copy]
-                                   [block-size=SIZE] [cache=SIZE] [threads=parallel|serialize]
-                                   [nbd=ENDPOINT] [checksum=on]
+                                   [merge=deferred|immediate] [block-size=SIZE] [cache=SIZE]
+                                   [threads=parallel|serialize] [nbd=ENDPOINT] [checksum=on]
 
 Exports: `live` (default, read-write), `live@NAME` (read-only snapshot), `live@latest` (the newest
 snapshot when the client connects). Engine errors become errno values for the client (EPERM for
@@ -35,7 +35,18 @@ from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
 API_VERSION = 2
 
 _config: dict[str, str] = {}
-_KEYS = ("disk", "size", "control", "cow", "block-size", "cache", "threads", "nbd", "checksum")
+_KEYS = (
+    "disk",
+    "size",
+    "control",
+    "cow",
+    "merge",
+    "block-size",
+    "cache",
+    "threads",
+    "nbd",
+    "checksum",
+)
 _engine: Engine | None = None
 _control: ControlServer | None = None
 _stop = threading.Event()
@@ -84,6 +95,7 @@ def get_ready() -> None:
         _engine = Engine.open(
             _config["disk"],
             cow=_config.get("cow", "move"),
+            merge=_config.get("merge", "deferred"),
             create_size=nbdkit.parse_size(size) if size is not None else None,
             block_size=nbdkit.parse_size(_config.get("block-size", str(DEFAULT_BLOCK_SIZE))),
             cache_bytes=nbdkit.parse_size(_config.get("cache", str(DEFAULT_CACHE_BYTES))),

@@ -81,6 +81,10 @@ class Workload:
             first = self.rng.randrange(0, size // bs)
             n = self.rng.randrange(1, min(8, size // bs - first) + 1)
             return first * bs, n * bs
+        if self.rng.random() < 0.35:  # whole sectors: partial first writes defer their merge
+            off = self.rng.randrange(0, size // 512) * 512
+            n = self.rng.randrange(1, min(max_len, size - off) // 512 + 1) * 512
+            return off, n
         off = self.rng.randrange(0, size - 1)
         return off, self.rng.randrange(1, min(max_len, size - off) + 1)
 

@@ -195,8 +195,10 @@ def test_map_entry_round_trip_and_neighbours_untouched() -> None:
         0: L.Entry(L.KIND_ADDR, 12345, 7),
         1: L.Entry(L.KIND_HOLE),
         2: L.Entry(L.KIND_NONE, 0, 99),  # "unallocated, changed since the latest snapshot"
-        5: L.Entry(L.KIND_ADDR, L.ADDR_MASK, 0xFFFFFFFF, L.ENTRY_INCOMPLETE, 3, 8, 0xDEADBEEF),
-        cap - 1: L.Entry(L.KIND_ADDR, 1, 1, 0xFF, 0xFFFF, 0xFFFF, 0xFFFFFFFF),
+        # incomplete: the base block where a complete entry keeps its checksum
+        5: L.Entry(L.KIND_ADDR, L.ADDR_MASK, 0xFFFFFFFF, L.ENTRY_INCOMPLETE, 3, 8, 0, 1 << 47),
+        6: L.Entry(L.KIND_ADDR, 77, 2, 0, 0, 0, 0xDEADBEEF),
+        cap - 1: L.Entry(L.KIND_ADDR, 1, 1, 0xFE, 0xFFFF, 0xFFFF, 0xFFFFFFFF),
     }
     for i, e in entries.items():
         L.write_entry(buf, i, e)

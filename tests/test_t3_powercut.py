@@ -41,6 +41,7 @@ from fsimpl.engine import Engine
 from fsimpl.errors import CorruptMetadata, NotAPool
 from fsimpl.layout import (
     OP_NONE,
+    SECTOR,
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
     Superblock,
@@ -163,6 +164,10 @@ class Harness:
             first = rng.randrange(0, size // BS)
             n = rng.randrange(1, min(max_blocks, size // BS - first) + 1)
             return first * BS, n * BS
+        if rng.random() < 0.4:  # whole sectors: partial first writes defer their merge
+            off = rng.randrange(0, size // SECTOR) * SECTOR
+            n = rng.randrange(1, min(max_blocks * BS, size - off) // SECTOR + 1) * SECTOR
+            return off, n
         off = rng.randrange(0, size - 1)
         return off, rng.randrange(1, min(max_blocks * BS, size - off) + 1)
 

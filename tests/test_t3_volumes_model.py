@@ -40,6 +40,7 @@ from fsimpl.checker import check
 from fsimpl.device import Device
 from fsimpl.engine import Engine
 from fsimpl.errors import DittoError, InvalidArgument, Refused
+from fsimpl.layout import SECTOR
 
 BS = 4096
 SEEDS = [int(os.environ["DITTOFS_SEED"])] if "DITTOFS_SEED" in os.environ else [11, 12, 13, 14]
@@ -226,6 +227,10 @@ class Run:
             first = rng.randrange(0, blocks)
             n = rng.randrange(1, min(6, blocks - first) + 1)
             return first * BS, n * BS
+        if rng.random() < 0.35 and size >= SECTOR:  # whole sectors: deferred merges
+            off = rng.randrange(0, size // SECTOR) * SECTOR
+            n = rng.randrange(1, min(max_len, size - off) // SECTOR + 1) * SECTOR
+            return off, n
         off = rng.randrange(0, size)
         return off, rng.randrange(1, min(max_len, size - off) + 1)
 

@@ -206,6 +206,9 @@ class Bench:
         # the read-and-merge path deferred copy-on-write replaces, for its one row
         self.immediate = Dittofs(work, "move", cfg.threads, merge="immediate")
         self.systems[self.immediate.key] = self.immediate
+        # what data checksums cost (a pool formatted with them), for their rows
+        self.checksummed = Dittofs(work, "move", cfg.threads, checksum=True)
+        self.systems[self.checksummed.key] = self.checksummed
         self.rng = random.Random(20261125)
 
     def sample_load(self, where: str) -> None:
@@ -254,6 +257,11 @@ class Bench:
             "deferred (default): only the new bytes are written, merged later",
         )
         res.row("delete_1g", f"delete snapshot owning {sz}", "ms", "first")
+        note = "a pool with data checksums (format --checksum): CRC-32 kept and verified per block"
+        res.row("csum_seq_write", "  checksum=on: seq write 1M, overwrite", "MiB/s", "csum", note)
+        res.row("csum_seq_read", "  checksum=on: seq read 1M", "MiB/s", "csum")
+        res.row("csum_rand_write", "  checksum=on: 4K random write QD16", "MiB/s", "csum")
+        res.row("csum_rand_read", "  checksum=on: 4K random read QD16", "MiB/s", "csum")
         nblocks = size // BLOCK
         for rep in range(c.repeats):
             for key in SYSTEMS:
@@ -297,6 +305,21 @@ class Bench:
                 r = fio(s.uri(), "", "4k", 16, size, iolog=iolog)
                 res.add("first_rand_merge", "move", mibs(r))
                 s.flush()
+            s = self.checksummed
+            with self.phase("io", f"{s.label} repeat {rep + 1}/{c.repeats}"):
+                s.make(self.img(s, "io"), size)
+                s.start()
+                uri = s.uri()
+                fio(uri, "write", "1M", 1, size)
+                s.flush()
+                res.add("csum_seq_write", "move", mibs(fio(uri, "write", "1M", 1, size)))
+                s.flush()
+                res.add("csum_seq_read", "move", mibs(fio(uri, "read", "1M", 1, size)))
+                r = fio(uri, "randwrite", "4k", 16, size, runtime=c.runtime)
+                res.add("csum_rand_write", "move", mibs(r))
+                s.flush()
+                r = fio(uri, "randread", "4k", 16, size, runtime=c.runtime)
+                res.add("csum_rand_read", "move", mibs(r))
 
     # chain: the oldest of N snapshots, each 1% changed from the next, versus live
 

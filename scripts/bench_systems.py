@@ -309,11 +309,15 @@ class Qcow2(System):
 class Dittofs(System):
     kind, snapshots = "pool", True
 
-    def __init__(self, work: Path, cow: str, threads: str, merge: str = "deferred") -> None:
-        self.cow, self.threads, self.merge = cow, threads, merge
+    def __init__(
+        self, work: Path, cow: str, threads: str, merge: str = "deferred", checksum: bool = False
+    ) -> None:
+        self.cow, self.threads, self.merge, self.checksum = cow, threads, merge, checksum
         self.key, self.label = cow, f"dittofs cow={cow}"
         if merge != "deferred":
             self.key, self.label = f"{cow}-{merge}", f"dittofs cow={cow} merge={merge}"
+        if checksum:
+            self.key, self.label = f"{self.key}-checksum", f"{self.label} checksum=on"
         super().__init__(work)
         self.control = work / f"{self.key}.ctl"
         self.ctl: SocketClient | None = None
@@ -338,6 +342,7 @@ class Dittofs(System):
             f"size={self.size}",
             f"cow={self.cow}",
             f"merge={self.merge}",
+            f"checksum={'on' if self.checksum else 'off'}",
             f"control={self.control}",
             f"threads={self.threads}",
         ]

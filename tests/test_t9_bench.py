@@ -27,6 +27,10 @@ EXPECTED = {
     "first_seq": SNAP,
     "first_rand": SNAP,
     "first_rand_merge": {"move"},
+    "csum_seq_write": {"move"},
+    "csum_seq_read": {"move"},
+    "csum_rand_write": {"move"},
+    "csum_rand_read": {"move"},
     "delete_1g": SNAP,
     "chain_live_seq": SNAP,
     "chain_old_seq": SNAP,
@@ -66,7 +70,8 @@ def test_quick_bench_covers_every_workload_and_system(tmp_path: Path) -> None:
     assert cp.returncode == 0, f"bench failed:\n{cp.stdout}\n{cp.stderr[-4000:]}"
     data = json.loads(out.read_text())
     assert data["errors"] == []
-    assert set(data["systems"]) == ALL | {"move-immediate"}  # first_rand_merge's server
+    # the servers of the merge=immediate and checksum=on rows (their figures in the move column)
+    assert set(data["systems"]) == ALL | {"move-immediate", "move-checksum"}
     rows = {w["key"]: w for w in data["workloads"]}
 
     expected = dict(EXPECTED)

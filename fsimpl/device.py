@@ -101,7 +101,14 @@ class Device:
     def pread_into(self, buf: bytearray | memoryview, offset: int) -> None:
         view = memoryview(buf)
         want = len(view)
-        got = 0
+        try:
+            got = os.preadv(self.fd, [view], offset)  # the common case: all of it at once
+        except OSError:
+            got = 0  # the loop below retries and reports it
+        if got == want:
+            self.stats.reads += 1
+            self.stats.bytes_read += want
+            return
         while got < want:
             try:
                 n = os.preadv(self.fd, [view[got:]], offset + got)

@@ -53,6 +53,9 @@ class Node:
         self.mask: int | None = None  # leaf: owner's cached summary (e.g. non-empty entries)
 
 
+RECENT_LEAVES = 32  # per tree
+
+
 class MetaStore:
     """Reads, caches and writes metadata blocks for every tree of one pool."""
 
@@ -156,9 +159,10 @@ class RadixTree:
         self.height = height  # interior levels above the leaves
         self.root_node: Node | None = None  # pinned only while dirty
         self.fanout = store.fanout
-        # the leaf read last: sequential and repeated reads skip the walk; any change to the
-        # tree's shape forgets it (a leaf changed in place stays the same object)
-        self._last: tuple[int, Node] | None = None
+        # leaves read lately (a few, so the bound adds little to the node cache's): repeated
+        # reads skip the walk; any change to the tree's shape forgets them all (a leaf changed
+        # in place stays the same object)
+        self._recent: dict[int, Node] = {}
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -182,12 +186,14 @@ class RadixTree:
 
     def leaf(self, leaf_no: int) -> Node | None:
         """The leaf holding records [leaf_no * capacity, ...), or None if it is absent."""
-        last = self._last
-        if last is not None and last[0] == leaf_no:
-            return last[1]
+        node = self._recent.get(leaf_no)
+        if node is not None:
+            return node
         node = self._leaf(leaf_no)
         if node is not None:
-            self._last = (leaf_no, node)
+            if len(self._recent) >= RECENT_LEAVES:
+                self._recent.clear()
+            self._recent[leaf_no] = node
         return node
 
     def _leaf(self, leaf_no: int) -> Node | None:
@@ -275,10 +281,10 @@ class RadixTree:
 
     def leaf_for_write(self, leaf_no: int) -> Node:
         """The leaf for leaf_no, dirty and pinned (created zeroed if absent)."""
-        last = self._last
-        if last is not None and last[0] == leaf_no and last[1].dirty:
-            return last[1]  # already dirty and pinned in this tree
-        self._last = None
+        node = self._recent.get(leaf_no)
+        if node is not None and node.dirty:
+            return node  # already dirty and pinned in this tree
+        self._recent.clear()
         self._grow_to(leaf_no)
         node = self._dirty_root()
         level = self.height
@@ -304,11 +310,11 @@ class RadixTree:
 
     def detach_leaf(self, leaf_no: int) -> Node | None:
         """Remove a leaf from this tree and return it (dirty), for attaching to another tree."""
-        self._last = None
+        self._recent.clear()
         if self.leaf(leaf_no) is None:
             return None
         node = self.leaf_for_write(leaf_no)
-        self._last = None
+        self._recent.clear()
         if self.height == 0:
             self.root_node = None
             self.root_addr = 0
@@ -320,7 +326,7 @@ class RadixTree:
     def attach_leaf(self, leaf_no: int, leaf: Node) -> None:
         """Install a dirty leaf where this tree has none."""
         assert leaf.dirty and self.leaf(leaf_no) is None
-        self._last = None
+        self._recent.clear()
         self._grow_to(leaf_no)
         if self.height == 0:
             self.root_node = leaf
@@ -369,7 +375,7 @@ class RadixTree:
         """Write every dirty node; afterwards root_addr/height describe the tree on disk."""
         if self.root_node is None:
             return
-        self._last = None  # an emptied leaf is dropped by the commit
+        self._recent.clear()  # an emptied leaf is dropped by the commit
         addr = self._commit_node(self.root_node, self.height, 0, allocate, keep_empty)
         self.root_node = None
         self.root_addr = addr
@@ -402,7 +408,7 @@ class RadixTree:
     def free_all(self) -> int:
         """Free every node of the tree (its records must already be disposed of). Returns the
         number of nodes freed. Leaves are freed without being read."""
-        self._last = None
+        self._recent.clear()
         freed = 0
         if self.root_node is not None:
             freed += self._free_dirty(self.root_node, self.height)

@@ -78,7 +78,8 @@ def config_complete() -> None:
 
 
 def thread_model() -> int:
-    # Measured (scripts/bench.py --threads parallel,serialize): with the GIL, parallel request
+    # Measured (docs/bench-2026-11-25-threads.txt; rerun with scripts/bench.py --threads
+    # parallel, then serialize): with the GIL, parallel request
     # threads only contend for it; serialized requests ran 4K random I/O about 2x faster for
     # dittofs and for a bare pass-through plugin alike. The engine has its own lock either way
     # (the control and ticker threads run beside the requests), so both models are correct.

@@ -182,6 +182,13 @@ class Results:
     def add(self, key: str, sysk: str, value: float) -> None:
         self.rows[key].samples.setdefault(sysk, []).append(value)
 
+    def across(self, num: str, den: str, sysk: str) -> float | None:
+        """One system's figure in row num over its figure in row den."""
+        a, b = self.rows.get(num), self.rows.get(den)
+        x = a.median(sysk) if a else None
+        y = b.median(sysk) if b else None
+        return x / y if x is not None and y else None
+
     def ratio(self, key: str, num: str, den: str) -> float | None:
         r = self.rows.get(key)
         if r is None:
@@ -262,7 +269,6 @@ class Bench:
         res.row("csum_seq_read", "  checksum=on: seq read 1M", "MiB/s", "csum")
         res.row("csum_rand_write", "  checksum=on: 4K random write QD16", "MiB/s", "csum")
         res.row("csum_rand_read", "  checksum=on: 4K random read QD16", "MiB/s", "csum")
-        nblocks = size // BLOCK
         for rep in range(c.repeats):
             for key in SYSTEMS:
                 s = self.systems[key]
@@ -286,11 +292,7 @@ class Bench:
                     res.add("first_seq", key, mibs(fio(s.uri(), "write", "1M", 1, size)))
                     s.flush()
                     res.add("delete_1g", key, s.snap_delete("first-seq") * 1000)
-                    s.snap_create("first-rand")
-                    order = list(range(nblocks))
-                    self.rng.shuffle(order)
-                    iolog = write_iolog(self.work / "first.iolog", [b * BLOCK for b in order], 4096)
-                    res.add("first_rand", key, mibs(fio(s.uri(), "", "4k", 16, size, iolog=iolog)))
+                    res.add("first_rand", key, self.first_rand(s, size))
                     s.flush()
             s = self.immediate
             with self.phase("io", f"{s.label} repeat {rep + 1}/{c.repeats}"):
@@ -298,12 +300,7 @@ class Bench:
                 s.start()
                 fio(s.uri(), "write", "1M", 1, size)
                 s.flush()
-                s.snap_create("first-rand")
-                order = list(range(nblocks))
-                self.rng.shuffle(order)
-                iolog = write_iolog(self.work / "first.iolog", [b * BLOCK for b in order], 4096)
-                r = fio(s.uri(), "", "4k", 16, size, iolog=iolog)
-                res.add("first_rand_merge", "move", mibs(r))
+                res.add("first_rand_merge", "move", self.first_rand(s, size))
                 s.flush()
             s = self.checksummed
             with self.phase("io", f"{s.label} repeat {rep + 1}/{c.repeats}"):
@@ -320,6 +317,15 @@ class Bench:
                 s.flush()
                 r = fio(uri, "randread", "4k", 16, size, runtime=c.runtime)
                 res.add("csum_rand_read", "move", mibs(r))
+
+    def first_rand(self, s: System, size: int) -> float:
+        """MiB/s of 4 KiB writes at QD16 into every block once, in random order, right after a
+        snapshot of the fully written volume: each is a first write."""
+        s.snap_create("first-rand")
+        order = list(range(size // BLOCK))
+        self.rng.shuffle(order)
+        iolog = write_iolog(self.work / "first.iolog", [b * BLOCK for b in order], 4096)
+        return mibs(fio(s.uri(), "", "4k", 16, size, iolog=iolog))
 
     # chain: the oldest of N snapshots, each 1% changed from the next, versus live
 
@@ -635,11 +641,7 @@ def targets(res: Results, cfg: Config) -> list[dict[str, object]]:
         for key in ("first_seq", "first_rand"):
             ratio_target(f"{key} cow={cow} >= 5 x qcow2", key, cow, "qcow2", 5.0, True)
             steady = "seq_write" if key == "first_seq" else "rand_write"
-            a = res.rows.get(key)
-            b = res.rows.get(steady)
-            v = None
-            if a and b and a.median(cow) and b.median(cow):
-                v = a.median(cow) / b.median(cow)  # type: ignore[operator]
+            v = res.across(key, steady, cow)
             add(
                 f"{key} cow={cow} >= 0.60 x own {steady}",
                 v,
@@ -647,11 +649,7 @@ def targets(res: Results, cfg: Config) -> list[dict[str, object]]:
                 fmt(v),
             )
         for kind in ("seq", "rand"):
-            a = res.rows.get(f"chain_old_{kind}")
-            b = res.rows.get(f"chain_live_{kind}")
-            v = None
-            if a and b and a.median(cow) and b.median(cow):
-                v = a.median(cow) / b.median(cow)  # type: ignore[operator]
+            v = res.across(f"chain_old_{kind}", f"chain_live_{kind}", cow)
             add(
                 f"oldest of {cfg.chain} {kind} read cow={cow} >= 0.80 x live",
                 v,

@@ -109,6 +109,10 @@ class System:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def nbdkit(self, plugin: str, *params: str) -> list[str]:
+        """nbdkit in the foreground on this system's socket, ended with the benchmark."""
+        return ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), plugin, *params]
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -226,7 +230,7 @@ class NbdkitFile(System):
     key, label = "file", "nbdkit file (C)"
 
     def command(self) -> list[str]:
-        return ["nbdkit", "-f", "--exit-with-parent", "-U", str(self.sock), "file", str(self.img)]
+        return self.nbdkit("file", str(self.img))
 
 
 class Passthrough(System):
@@ -237,17 +241,9 @@ class Passthrough(System):
         super().__init__(work)
 
     def command(self) -> list[str]:
-        return [
-            "nbdkit",
-            "-f",
-            "--exit-with-parent",
-            "-U",
-            str(self.sock),
-            "python",
-            str(PASSTHROUGH),
-            f"file={self.img}",
-            f"threads={self.threads}",
-        ]
+        return self.nbdkit(
+            "python", str(PASSTHROUGH), f"file={self.img}", f"threads={self.threads}"
+        )
 
 
 class Qcow2(System):
@@ -330,12 +326,7 @@ class Dittofs(System):
         self.img, self.size = img, size
 
     def command(self) -> list[str]:
-        return [
-            "nbdkit",
-            "-f",
-            "--exit-with-parent",
-            "-U",
-            str(self.sock),
+        return self.nbdkit(
             "python",
             str(PLUGIN),
             f"disk={self.img}",
@@ -345,7 +336,7 @@ class Dittofs(System):
             f"checksum={'on' if self.checksum else 'off'}",
             f"control={self.control}",
             f"threads={self.threads}",
-        ]
+        )
 
     def ready(self) -> bool:
         return _connectable(self.sock) and _connectable(self.control)

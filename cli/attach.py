@@ -175,21 +175,6 @@ def kernel_nbd_ready() -> bool:
     return bool(nbd_devices()) and Path("/sys/module/nbd").is_dir()
 
 
-def pid_alive(pid: int) -> bool:
-    """A running process (a zombie counts as gone: its parent reaps it)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def cmdline(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -257,7 +242,7 @@ def entry_state(e: dict[str, Any]) -> str:
     dev = e.get("device")
     if e.get("method") == "nbdfuse":
         ok = bool(dev) and dev in loops_backed_by(e.get("nbd_file") or "")
-        ok = ok and bool(e.get("nbdfuse_pid")) and pid_alive(int(e["nbdfuse_pid"]))
+        ok = ok and bool(e.get("nbdfuse_pid")) and rundir.pid_alive(int(e["nbdfuse_pid"]))
     else:
         ok = bool(dev) and nbd_connected(dev)
     if e.get("mountpoint"):
@@ -518,7 +503,7 @@ def undo(entries: list[dict[str, Any]], e: dict[str, Any], timeout: float = TIME
             def exited() -> bool:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, os.WNOHANG)  # our own child when a failed attach undoes
-                if not pid_alive(pid):
+                if not rundir.pid_alive(pid):
                     return True
                 # An empty command line is a process on its way out: wait for it to go.
                 return bool(cmdline(pid)) and not is_our_nbdfuse(pid, fuse_dir or "")

@@ -32,8 +32,6 @@ else (unreadable blocks, double owners, broken sharing) is reported as left unco
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -45,7 +43,6 @@ from .errors import (
     DittoError,
     NotAPool,
     NotFound,
-    PoolBusy,
     UnsupportedFormat,
 )
 from .layout import (
@@ -68,7 +65,7 @@ from .layout import (
     unpack_superblock,
 )
 from .radix import RadixTree
-from .txn import Pool, read_superblock
+from .txn import Pool, read_superblock, refuse_if_in_use
 from .volume import Volume
 
 
@@ -618,16 +615,6 @@ def repair(device: Device) -> RepairReport:
 # --- a pool with no server ----------------------------------------------------------------------
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _refuse_if_in_use(device: Device) -> None:
     """The lock on this path is ours, but the pool's in-use record may name a live server that
     reached the same disk through another path (a second loop device, another host)."""
@@ -635,16 +622,7 @@ def _refuse_if_in_use(device: Device) -> None:
         sb = read_superblock(device)
     except CorruptMetadata:
         return  # no superblock to say so; the check reports why
-    if not sb.inuse_pid or sb.inuse_pid == os.getpid():
-        return
-    host = socket.gethostname()
-    if sb.inuse_host == host and not _pid_alive(sb.inuse_pid):
-        return  # a crashed server's stale record
-    where = "" if sb.inuse_host == host else f" on host {sb.inuse_host}"
-    raise PoolBusy(
-        f"{device.path} is in use by process {sb.inuse_pid}{where} (perhaps through another "
-        "path to the same disk); check it through that server, or stop it first"
-    )
+    refuse_if_in_use(sb, device.path, "check it through that server, or stop it first")
 
 
 def _open_disk(path: str, readonly: bool) -> Device:

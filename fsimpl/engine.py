@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +52,8 @@ from .management import Progress, SnapshotManagement
 from .names import DEFAULT_VOLUME, LATEST, check_name, parse_export
 from .probe import detect_signature
 from .replication import ReplicationOps
-from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
+from .rundir import pid_alive
+from .txn import DEFAULT_CACHE_BYTES, Pool, read_superblock, refuse_if_in_use
 from .volume import COW_COPY, COW_MOVE, MERGE_DEFERRED, MERGE_IMMEDIATE, Volume, read_checked
 from .volume_mgmt import VolumeManagement
 
@@ -77,16 +77,6 @@ class Export:
     size: int
     description: str
     client: bool = False  # counted in Engine.connections
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
@@ -160,7 +150,7 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
             try:
                 _lock(device)
                 pool = Pool.open(device, cache_bytes)
-                _check_inuse(path, pool)
+                refuse_if_in_use(pool.sb, path, "stop it first")
                 for slot, problem in pool.superblock_problems:
                     log.warning(
                         "%s: superblock slot %d (byte %d, type superblock) is unusable: %s; the "
@@ -772,25 +762,9 @@ def _lock(device: Device) -> None:
             pid = read_superblock(device).inuse_pid
         except DittoError:
             raise e from None
-        if pid and _pid_alive(pid):
+        if pid and pid_alive(pid):
             raise PoolBusy(
                 f"{device.path} is in use by process {pid}; stop that server (or use "
                 "'snapctl -d DISK ...', which talks to it) instead of opening the pool twice"
             ) from None
         raise
-
-
-def _check_inuse(path: str, pool: Pool) -> None:
-    """Refuse a pool that another live process on this host (or any other host) has open,
-    possibly through a different path to the same disk."""
-    sb = pool.sb
-    if not sb.inuse_pid or sb.inuse_pid == os.getpid():
-        return
-    host = socket.gethostname()
-    if sb.inuse_host == host and not _pid_alive(sb.inuse_pid):
-        return  # a crashed server's stale record
-    where = "" if sb.inuse_host == host else f" on host {sb.inuse_host}"
-    raise PoolBusy(
-        f"{path} is in use by process {sb.inuse_pid}{where} (perhaps through another path "
-        "to the same disk); stop it first"
-    )

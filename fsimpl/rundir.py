@@ -51,15 +51,24 @@ def read_state(disk: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     pid = int(state.get("pid", 0))
-    if pid <= 0:
+    if pid <= 0 or not pid_alive(pid):
         return None
+    return state
+
+
+def pid_alive(pid: int) -> bool:
+    """A running process (a zombie counts as gone: its parent reaps it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return None
+        return False
     except PermissionError:
-        pass
-    return state
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def remove_state(disk: str, pid: int) -> None:

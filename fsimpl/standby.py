@@ -507,26 +507,7 @@ def sync(engine: Engine, identity: str, key: bytes) -> dict[str, Any]:
                 f"the peer at {address} has become primary: this pool was "
                 "superseded; 'snapctl standby demote' to rejoin as its standby"
             )
-        base = newest_common(engine, peer)
-        if base is None:
-            raise Refused(
-                "the peer shares no snapshot with this pool any more: "
-                "'snapctl standby attach' again"
-            )
-        to = _new_replication_snapshot(engine)
-        t0 = time.monotonic()
-        reply = _push(engine, conn, base, to, False)
-        with engine.lock:
-            guid = engine.snapshot(to).guid
-            _set_common(engine, guid)
-        conn.call("retire", keep=guid.hex())
-        retire_older(engine, guid)
-        return {
-            "snapshot": to,
-            "base": base,
-            "seconds": round(time.monotonic() - t0, 3),
-            "received": reply["received"],
-        }
+        return _send_change(engine, conn, peer)
     finally:
         conn.close()
 
@@ -651,20 +632,33 @@ def sync_as(engine: Engine, identity: str, key: bytes, address: str) -> dict[str
     """A sync that does not depend on our role (failback's last send)."""
     conn = connect_peer(address, identity, key)
     try:
-        peer = conn.call("status")
-        base = newest_common(engine, peer)
-        if base is None:
-            raise Refused("the peer shares no snapshot with this pool")
-        to = _new_replication_snapshot(engine)
-        reply = _push(engine, conn, base, to, False)
-        with engine.lock:
-            guid = engine.snapshot(to).guid
-            _set_common(engine, guid)
-        conn.call("retire", keep=guid.hex())
-        retire_older(engine, guid)
-        return {"snapshot": to, "received": reply["received"]}
+        return _send_change(engine, conn, conn.call("status"))
     finally:
         conn.close()
+
+
+def _send_change(engine: Engine, conn: PeerConnection, peer: dict[str, Any]) -> dict[str, Any]:
+    """One sync step: a new replication snapshot, the change since the newest snapshot both
+    pools share sent to the peer, which becomes the common one; older ones retired on both."""
+    base = newest_common(engine, peer)
+    if base is None:
+        raise Refused(
+            "the peer shares no snapshot with this pool any more: 'snapctl standby attach' again"
+        )
+    to = _new_replication_snapshot(engine)
+    t0 = time.monotonic()
+    reply = _push(engine, conn, base, to, False)
+    with engine.lock:
+        guid = engine.snapshot(to).guid
+        _set_common(engine, guid)
+    conn.call("retire", keep=guid.hex())
+    retire_older(engine, guid)
+    return {
+        "snapshot": to,
+        "base": base,
+        "seconds": round(time.monotonic() - t0, 3),
+        "received": reply["received"],
+    }
 
 
 def _newest_snapshot(engine: Engine) -> str | None:

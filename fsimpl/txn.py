@@ -16,6 +16,7 @@ transaction by reloading the committed state.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -24,7 +25,7 @@ from dataclasses import replace
 from .allocator import Allocator
 from .blockmap import BlockMap
 from .device import Device
-from .errors import CorruptMetadata, NotAPool, PoolTruncated, UnsupportedFormat
+from .errors import CorruptMetadata, NotAPool, PoolBusy, PoolTruncated, UnsupportedFormat
 from .layout import (
     FEATURE_DATA_CHECKSUMS,
     INODE_SHADOW,
@@ -46,6 +47,7 @@ from .layout import (
     unpack_superblock,
 )
 from .radix import MetaStore
+from .rundir import pid_alive
 from .tables import inode_table, snapshot_table
 from .volume import DataContext, Volume
 
@@ -57,6 +59,21 @@ def _reserve(capacity: int) -> int:
     """Blocks kept for metadata on a full pool (ZFS keeps a "slop" for the same reason): enough
     for snapshot delete and rollback to run and for a commit to fit after any bounded step."""
     return max(16, min(capacity // 8, max(64, capacity // 256)))
+
+
+def refuse_if_in_use(sb: Superblock, path: str, advice: str) -> None:
+    """The pool's in-use record names a live server (on this host, or any other host) that may
+    have reached the same disk through another path: refuse, saying who, and `advice`."""
+    if not sb.inuse_pid or sb.inuse_pid == os.getpid():
+        return
+    host = socket.gethostname()
+    if sb.inuse_host == host and not pid_alive(sb.inuse_pid):
+        return  # a crashed server's stale record
+    where = "" if sb.inuse_host == host else f" on host {sb.inuse_host}"
+    raise PoolBusy(
+        f"{path} is in use by process {sb.inuse_pid}{where} (perhaps through another path "
+        f"to the same disk); {advice}"
+    )
 
 
 def read_superblock(device: Device) -> Superblock:

@@ -32,7 +32,7 @@ from typing import Any
 
 import nbd
 import pytest
-from harness import SNAPCTL, require
+from harness import REPO, SNAPCTL, require
 from t8_helpers import close_quietly, sha256
 
 USER = f"dittofs-test-{os.getpid()}"  # one per run: concurrent runs never share it
@@ -83,9 +83,19 @@ def user() -> Iterator[tuple[int, int]]:
             timeout=60,
         )
         pw = pwd.getpwnam(USER)
+    # The user runs this checkout's snapctl and plugin: a clone under a 0700 directory (mktemp
+    # -d) would refuse it. Grant search (not listing) on each such ancestor, and take it back.
+    opened: list[tuple[Path, int]] = []
+    for d in [REPO, *REPO.parents]:
+        m = d.stat().st_mode
+        if not m & stat.S_IXOTH:
+            d.chmod(stat.S_IMODE(m) | stat.S_IXOTH)
+            opened.append((d, stat.S_IMODE(m)))
     try:
         yield pw.pw_uid, pw.pw_gid
     finally:
+        for d, m in opened:
+            d.chmod(m)
         subprocess.run([require("userdel"), USER], capture_output=True, timeout=60)
 
 

@@ -1,6 +1,10 @@
 """The on-disk format: every struct layout, constant and checksum of a dittofs pool.
 
-Nothing outside this module packs or unpacks bytes. Format version 1:
+Nothing outside this module packs or unpacks bytes. Every struct is declared by field name
+(records.py): a record is a dataclass whose fields carry their struct code and meaning, a packed
+struct is a `Layout` of named rows; either way one declaration gives the struct, its packing, and
+its table in docs/format.md (`python -m fsimpl.layout` prints them; a test keeps the document
+equal to it). Format version 1:
 
     byte 0        superblock slot 0 (4 KiB)    the valid slot with the highest generation wins
     byte 4096     superblock slot 1 (4 KiB)    slot = generation % 2
@@ -23,15 +27,17 @@ peer and last common snapshot, and an in-use record (host, PID) for multihost pr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import CorruptMetadata, NotAPool, UnsupportedFormat
+from .records import REQUIRED, Layout, RecordCodec, ondisk, reserved
 
 MAGIC = b"DITTOFS\x00"
 FORMAT_VERSION = 1
@@ -99,118 +105,56 @@ def _crc(buf: bytes | bytearray | memoryview, btype: int) -> int:
 
 # --- superblock --------------------------------------------------------------------------------
 
-_SUPER = struct.Struct(
-    "<I"  # checksum of bytes [4:4096], salted
-    "8s"  # magic
-    "I"  # format version
-    "I"  # features (incompatible: refuse if unknown)
-    "Q"  # generation
-    "I"  # block size
-    "B"  # growable (an image file that grows on demand)
-    "B"  # role
-    "B"  # inode tree height
-    "B"  # snapshot tree height
-    "B"  # bitmap tree height
-    "3x"
-    "Q"  # capacity in blocks
-    "16s"  # pool GUID
-    "Q"  # created (ns since epoch)
-    "Q"  # next inode number
-    "Q"  # next snapshot id
-    "Q"  # used blocks (allocated, data and metadata)
-    "Q"  # inode tree root
-    "Q"  # snapshot tree root
-    "Q"  # bitmap tree root
-    "Q"  # reserve blocks kept for metadata on a full pool
-    "Q"  # minimum free blocks below which new snapshots are refused
-    "I"  # in-use: PID
-    "4x"
-    "Q"  # in-use: since (ns)
-    "64s"  # in-use: host name
-    "256s"  # peer address (standby)
-    "16s"  # last common snapshot GUID (standby)
-    "16s"  # receive in progress: GUID of the snapshot being received (zeros: none)
-    "16s"  # receive in progress: GUID of its base snapshot (zeros: a full stream)
-    "Q"  # receive in progress: stream records applied and committed
-    "64s"  # receive in progress: name of the snapshot being received
-    "B"  # peer answered as primary since we were superseded (standby protocol)
-)
-assert _SUPER.size <= SUPERBLOCK_SIZE
 
-
-@dataclass
+@dataclass(kw_only=True)
 class Superblock:
-    generation: int
-    block_size: int
-    capacity_blocks: int
-    pool_guid: bytes
-    created_ns: int
-    growable: bool = False
-    features: int = 0
-    next_inode: int = 1
-    next_snap_id: int = 1
-    used_blocks: int = 0
-    inode_root: int = 0
-    inode_height: int = 0
-    snap_root: int = 0
-    snap_height: int = 0
-    bitmap_root: int = 0
-    bitmap_height: int = 0
-    reserve_blocks: int = 0
-    snapshot_min_free: int = 0
-    role: int = ROLE_NONE
-    inuse_pid: int = 0
-    inuse_since_ns: int = 0
-    inuse_host: str = ""
-    peer: str = ""
-    last_common_guid: bytes = bytes(16)
-    recv_to_guid: bytes = bytes(16)
-    recv_from_guid: bytes = bytes(16)
-    recv_records: int = 0
-    recv_name: str = ""
-    superseded: int = 0
-    version: int = FORMAT_VERSION
+    checksum: int = ondisk("I", "CRC-32 of bytes 4..4096 of the slot, salted", hidden=True)
+    magic: bytes = ondisk("8s", "`DITTOFS\\0`", MAGIC, hidden=True)
+    version: int = ondisk("I", "format version", FORMAT_VERSION)
+    features: int = ondisk(
+        "I", "feature bits; a pool with a bit this code does not know is refused"
+    )
+    generation: int = ondisk("Q", "commit generation; the slot is generation % 2")
+    block_size: int = ondisk("I", "block size in bytes")
+    growable: bool = ondisk("B", "an image file that grows on demand", False)
+    role: int = ondisk("B", "standby role: 0 none, 1 primary, 2 standby", ROLE_NONE)
+    inode_height: int = ondisk("B", "inode table: interior levels")
+    snap_height: int = ondisk("B", "snapshot table: interior levels")
+    bitmap_height: int = ondisk("B", "free-space bitmap: interior levels")
+    capacity_blocks: int = ondisk("Q", "blocks the pool spans", pad_before=3)
+    pool_guid: bytes = ondisk("16s", "the pool's GUID", bytes(16))
+    created_ns: int = ondisk("Q", "formatted (ns since the epoch)")
+    next_inode: int = ondisk("Q", "next inode number", 1)
+    next_snap_id: int = ondisk("Q", "next snapshot id (also the birth of live changes)", 1)
+    used_blocks: int = ondisk("Q", "blocks allocated (data and metadata)")
+    inode_root: int = ondisk("Q", "inode table root block (0: empty)")
+    snap_root: int = ondisk("Q", "snapshot table root block (0: empty)")
+    bitmap_root: int = ondisk("Q", "free-space bitmap root block")
+    reserve_blocks: int = ondisk("Q", "blocks kept for metadata on a full pool")
+    snapshot_min_free: int = ondisk("Q", "free blocks below which new snapshots are refused")
+    inuse_pid: int = ondisk("I", "in use: the serving process (0: none)")
+    inuse_since_ns: int = ondisk("Q", "in use: since (ns)", pad_before=4)
+    inuse_host: str = ondisk("64s", "in use: host name", "")
+    peer: str = ondisk("256s", "standby: the peer's address", "")
+    last_common_guid: bytes = ondisk("16s", "standby: GUID of the last common snapshot", bytes(16))
+    recv_to_guid: bytes = ondisk(
+        "16s", "receive in progress: GUID of the snapshot being received (zeros: none)", bytes(16)
+    )
+    recv_from_guid: bytes = ondisk(
+        "16s", "receive in progress: GUID of its base (zeros: a full stream)", bytes(16)
+    )
+    recv_records: int = ondisk("Q", "receive in progress: stream records applied and committed")
+    recv_name: str = ondisk("64s", "receive in progress: name of the snapshot being received", "")
+    superseded: int = ondisk("B", "standby: the peer answered as primary since (1: superseded)")
+
+
+SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3503)
 
 
 def pack_superblock(sb: Superblock) -> bytes:
     buf = bytearray(SUPERBLOCK_SIZE)
-    _SUPER.pack_into(
-        buf,
-        0,
-        0,
-        MAGIC,
-        sb.version,
-        sb.features,
-        sb.generation,
-        sb.block_size,
-        int(sb.growable),
-        sb.role,
-        sb.inode_height,
-        sb.snap_height,
-        sb.bitmap_height,
-        sb.capacity_blocks,
-        sb.pool_guid,
-        sb.created_ns,
-        sb.next_inode,
-        sb.next_snap_id,
-        sb.used_blocks,
-        sb.inode_root,
-        sb.snap_root,
-        sb.bitmap_root,
-        sb.reserve_blocks,
-        sb.snapshot_min_free,
-        sb.inuse_pid,
-        sb.inuse_since_ns,
-        sb.inuse_host.encode()[:64],
-        sb.peer.encode()[:256],
-        sb.last_common_guid,
-        sb.recv_to_guid,
-        sb.recv_from_guid,
-        sb.recv_records,
-        sb.recv_name.encode()[:64],
-        sb.superseded,
-    )
-    struct.pack_into("<I", buf, 0, _crc(buf, BT_SUPER))
+    SUPERBLOCK_CODEC.pack_into(buf, 0, sb)
+    _CHECKSUM.pack_into(buf, 0, _crc(buf, BT_SUPER))
     return bytes(buf)
 
 
@@ -218,70 +162,46 @@ def unpack_superblock(buf: bytes | bytearray, where: str) -> Superblock:
     """Decode one superblock slot; raise NotAPool / UnsupportedFormat / CorruptMetadata."""
     if len(buf) < SUPERBLOCK_SIZE:
         raise NotAPool(f"{where}: too short to hold a dittofs superblock")
-    f = _SUPER.unpack_from(buf, 0)
-    if f[1] != MAGIC:
-        raise NotAPool(f"{where}: no dittofs superblock (magic {f[1][:8]!r})")
-    if f[0] != _crc(buf[:SUPERBLOCK_SIZE], BT_SUPER):
+    sb = SUPERBLOCK_CODEC.unpack_from(buf, 0)
+    if sb.magic != MAGIC:
+        raise NotAPool(f"{where}: no dittofs superblock (magic {sb.magic[:8]!r})")
+    if sb.checksum != _crc(buf[:SUPERBLOCK_SIZE], BT_SUPER):
         raise CorruptMetadata(f"{where}: superblock checksum mismatch", -1, "superblock")
-    if f[2] != FORMAT_VERSION:
+    if sb.version != FORMAT_VERSION:
         raise UnsupportedFormat(
-            f"{where}: pool format version {f[2]} is not supported by this dittofs "
+            f"{where}: pool format version {sb.version} is not supported by this dittofs "
             f"(it reads version {FORMAT_VERSION}); use the dittofs release that made it"
         )
-    if f[3] & ~KNOWN_FEATURES:
+    if sb.features & ~KNOWN_FEATURES:
         raise UnsupportedFormat(
-            f"{where}: pool uses features {f[3] & ~KNOWN_FEATURES:#x} unknown to this dittofs"
+            f"{where}: pool uses features {sb.features & ~KNOWN_FEATURES:#x} unknown to this "
+            "dittofs"
         )
-    return Superblock(
-        version=f[2],
-        features=f[3],
-        generation=f[4],
-        block_size=f[5],
-        growable=bool(f[6]),
-        role=f[7],
-        inode_height=f[8],
-        snap_height=f[9],
-        bitmap_height=f[10],
-        capacity_blocks=f[11],
-        pool_guid=f[12],
-        created_ns=f[13],
-        next_inode=f[14],
-        next_snap_id=f[15],
-        used_blocks=f[16],
-        inode_root=f[17],
-        snap_root=f[18],
-        bitmap_root=f[19],
-        reserve_blocks=f[20],
-        snapshot_min_free=f[21],
-        inuse_pid=f[22],
-        inuse_since_ns=f[23],
-        inuse_host=f[24].rstrip(b"\0").decode(errors="replace"),
-        peer=f[25].rstrip(b"\0").decode(errors="replace"),
-        last_common_guid=f[26],
-        recv_to_guid=f[27],
-        recv_from_guid=f[28],
-        recv_records=f[29],
-        recv_name=f[30].rstrip(b"\0").decode(errors="replace"),
-        superseded=f[31],
-    )
+    return sb
 
 
 # --- metadata block header ---------------------------------------------------------------------
 
-HEADER = struct.Struct(
-    "<I"  # checksum of bytes [4:B], salted by type
-    "H"  # block type
-    "H"  # layout version of this block type
-    "Q"  # own address (block number)
-    "Q"  # generation that wrote it
-    "Q"  # owner: inode number, or a tree id for pool-wide trees
-    "B"  # level (0 = leaf)
-    "3x"
-    "I"  # records in use
-    "Q"  # first key covered
-)
 HEADER_SIZE = 64
-assert HEADER.size <= HEADER_SIZE
+HEADER_LAYOUT = Layout(
+    "metadata block header",
+    HEADER_SIZE,
+    [
+        ("checksum", "I", "CRC-32 of bytes 4..B of the block, XORed with its type's salt"),
+        ("btype", "H", "block type (below)"),
+        ("version", "H", "layout version of this block type (1)"),
+        ("address", "Q", "the block's own address: a misdirected write is caught"),
+        ("generation", "Q", "the generation that wrote it"),
+        ("owner", "Q", "the owning inode, or a pool-wide tree's id (below)"),
+        ("level", "B", "0 for a leaf, else interior levels below it"),
+        reserved(3),
+        ("records", "I", "records in use"),
+        ("key_base", "Q", "the first key the block covers"),
+        reserved(16),
+    ],
+)
+HEADER = HEADER_LAYOUT.struct
+_CHECKSUM = Layout("checksum word", 4, [("checksum", "I", "salted CRC-32")]).struct
 
 # Owners of the pool-wide trees (inode numbers start at 1, so these never collide).
 OWNER_INODE_TABLE = 1 << 62
@@ -290,6 +210,8 @@ OWNER_BITMAP = (1 << 62) + 2
 
 
 class BlockHeader(NamedTuple):
+    """A verified header, as HEADER_LAYOUT declares it (without the checksum)."""
+
     btype: int
     version: int
     address: int
@@ -298,6 +220,9 @@ class BlockHeader(NamedTuple):
     level: int
     records: int
     key_base: int
+
+
+assert list(BlockHeader._fields) == HEADER_LAYOUT.names[1:]
 
 
 def seal_block(
@@ -312,15 +237,16 @@ def seal_block(
 ) -> None:
     """Write the header and checksum into a metadata block buffer, in place."""
     HEADER.pack_into(buf, 0, 0, btype, 1, address, generation, owner, level, count, key_base)
-    struct.pack_into("<I", buf, 0, _crc(buf, btype))
+    _CHECKSUM.pack_into(buf, 0, _crc(buf, btype))
 
 
 def open_block(buf: bytes | bytearray, address: int, expect_type: int) -> BlockHeader:
     """Verify a metadata block read from `address`: checksum, type and self-address."""
-    f = HEADER.unpack_from(buf, 0)
-    btype = f[1]
+    checksum, *fields = HEADER.unpack_from(buf, 0)
+    hdr = BlockHeader(*fields)
+    btype = hdr.btype
     tname = BLOCK_TYPE_NAMES.get(expect_type, str(expect_type))
-    if btype not in _SALT or f[0] != _crc(buf, btype):
+    if btype not in _SALT or checksum != _crc(buf, btype):
         raise CorruptMetadata(
             f"metadata block {address} ({tname}) failed its checksum; run 'snapctl check'",
             address,
@@ -333,14 +259,14 @@ def open_block(buf: bytes | bytearray, address: int, expect_type: int) -> BlockH
             address,
             tname,
         )
-    if f[3] != address:
+    if hdr.address != address:
         raise CorruptMetadata(
-            f"metadata block {address} ({tname}) claims address {f[3]}: a misdirected "
+            f"metadata block {address} ({tname}) claims address {hdr.address}: a misdirected "
             "write; run 'snapctl check'",
             address,
             tname,
         )
-    return BlockHeader(btype, f[2], f[3], f[4], f[5], f[6], f[7], f[8])
+    return hdr
 
 
 _NONZERO = re.compile(b"[^\x00]")
@@ -367,7 +293,12 @@ def interior_fanout(block_size: int) -> int:
     return (block_size - HEADER_SIZE) // 8
 
 
-POINTER = struct.Struct("<Q")
+POINTER_LAYOUT = Layout(
+    "interior node slot",
+    8,
+    [("child", "Q", "the child node's address (0: an absent subtree, all records zero)")],
+)
+POINTER = POINTER_LAYOUT.struct
 
 
 def get_pointer(buf: bytes | bytearray, slot: int) -> int:
@@ -376,6 +307,16 @@ def get_pointer(buf: bytes | bytearray, slot: int) -> int:
 
 def set_pointer(buf: bytearray, slot: int, address: int) -> None:
     POINTER.pack_into(buf, HEADER_SIZE + 8 * slot, address)
+
+
+def child_pointers(buf: bytes | bytearray, fanout: int) -> tuple[int, ...]:
+    """Every slot of an interior node, in order (0 where a subtree is absent)."""
+    return _pointer_array(fanout).unpack_from(buf, HEADER_SIZE)
+
+
+@functools.lru_cache(maxsize=8)
+def _pointer_array(fanout: int) -> struct.Struct:
+    return struct.Struct("<" + POINTER_LAYOUT.struct.format.lstrip("<") * fanout)
 
 
 # --- block-map entries -------------------------------------------------------------------------
@@ -396,17 +337,29 @@ KIND_ORIGIN = 3
 ENTRY_INCOMPLETE = 0x01
 SECTOR = 512  # unit of the valid range
 
-MAP_ENTRY = struct.Struct(
-    "<Q"  # addr (bits 0-47) | kind (48-55) | flags (56-63)
-    "I"  # birth: pool.next_snap_id when live last changed this block (the O(1) sharing test);
-    # a shadow entry keeps the birth the preserved data had in live
-    "H"  # valid range start, sectors (incomplete entries)
-    "H"  # valid range end
-    "Q"  # complete entries: data checksum in the low 32 bits (pools formatted with data
-    # checksums); incomplete entries: the base block
-)
 ENTRY_SIZE = 24
-assert MAP_ENTRY.size == ENTRY_SIZE
+MAP_ENTRY_LAYOUT = Layout(
+    "map entry",
+    ENTRY_SIZE,
+    [
+        ("word", "Q", "address (bits 0-47), kind (bits 48-55), flags (bits 56-63)"),
+        (
+            "birth",
+            "I",
+            "pool.next_snap_id when live last changed the block (the O(1) sharing test); a "
+            "shadow entry keeps the birth the preserved data had in live",
+        ),
+        ("valid_lo", "H", "incomplete entries: valid range start, in 512-byte sectors"),
+        ("valid_hi", "H", "incomplete entries: valid range end"),
+        (
+            "tail",
+            "Q",
+            "complete entries: the data's CRC-32 in the low 32 bits (pools with data "
+            "checksums); incomplete entries: the base block",
+        ),
+    ],
+)
+MAP_ENTRY = MAP_ENTRY_LAYOUT.struct
 ADDR_MASK = (1 << 48) - 1
 
 
@@ -463,30 +416,7 @@ def entry_is_empty(buf: bytes | bytearray, index: int) -> bool:
 INODE_VOLUME = 1
 INODE_SHADOW = 2
 
-INODE_RECORD = struct.Struct(
-    "<B"  # kind (0 = free slot)
-    "B"  # flags
-    "B"  # map tree height
-    "x"
-    "I"  # pending operation (OP_*)
-    "Q"  # inode number
-    "Q"  # volume inode (a shadow's volume; a volume's own number)
-    "Q"  # shadow: its snapshot id; volume: id of its latest snapshot (0 = none)
-    "Q"  # size in bytes (a shadow: the volume's size when the snapshot was taken)
-    "Q"  # map root block (0 = empty map: all ditto / all unallocated)
-    "Q"  # data blocks this map owns
-    "Q"  # non-empty entries
-    "Q"  # created (ns)
-    "Q"  # clone origin: volume inode
-    "Q"  # clone origin: snapshot id
-    "Q"  # pending operation's target (e.g. the snapshot a rollback restores)
-    "Q"  # incarnation: bumped when live is replaced (rollback), so old connections notice
-    "Q"  # shadow: data blocks the snapshot's view referenced when it was taken
-    "64s"  # volume name (volumes only)
-    "Q"  # incomplete entries in the map (deferred merges; 0: none to look for)
-)
 INODE_RECORD_SIZE = 256
-assert INODE_RECORD.size <= INODE_RECORD_SIZE
 
 OP_NONE = 0
 OP_ROLLBACK = 1  # live is being restored to op_target
@@ -496,27 +426,35 @@ OP_RECEIVE = 4  # a replication stream is being applied (op_target: the base sna
 #                 by the volume's exports meanwhile; 0 for a full stream)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class InodeRecord:
-    ino: int
-    kind: int
-    volume_ino: int
-    snap_id: int = 0
-    size: int = 0
-    root: int = 0
-    height: int = 0
-    owned_blocks: int = 0
-    entry_count: int = 0
-    created_ns: int = 0
-    flags: int = 0
-    op: int = OP_NONE
-    op_target: int = 0
-    origin_vol: int = 0
-    origin_snap: int = 0
-    incarnation: int = 0
-    referenced_blocks: int = 0
-    name: str = ""
-    incomplete_blocks: int = 0
+    kind: int = ondisk(
+        "B", "1 a volume, 2 a shadow inode (one snapshot of one volume); 0 free", REQUIRED
+    )
+    flags: int = ondisk("B", "flags (none defined)")
+    height: int = ondisk("B", "map tree: interior levels")
+    op: int = ondisk(
+        "I", "pending operation (OP_*: rollback, delete, flatten, receive)", pad_before=1
+    )
+    ino: int = ondisk("Q", "inode number", REQUIRED)
+    volume_ino: int = ondisk("Q", "the volume (a shadow's volume; a volume's own number)", REQUIRED)
+    snap_id: int = ondisk("Q", "shadow: its snapshot id; volume: its latest snapshot (0: none)")
+    size: int = ondisk("Q", "bytes (a shadow: the volume's size when the snapshot was taken)")
+    root: int = ondisk("Q", "map root block (0: an empty map: all ditto, or all unallocated)")
+    owned_blocks: int = ondisk("Q", "data blocks this map owns")
+    entry_count: int = ondisk("Q", "non-empty entries")
+    created_ns: int = ondisk("Q", "created (ns since the epoch)")
+    origin_vol: int = ondisk("Q", "clone origin: volume inode")
+    origin_snap: int = ondisk("Q", "clone origin: snapshot id")
+    op_target: int = ondisk("Q", "the pending operation's target (e.g. the rollback's snapshot)")
+    incarnation: int = ondisk("Q", "bumped when live is replaced, so old connections notice")
+    referenced_blocks: int = ondisk("Q", "shadow: data blocks its view referenced when taken")
+    name: str = ondisk("64s", "volume name (volumes only)", "")
+    incomplete_blocks: int = ondisk("Q", "incomplete entries in the map (0: none to look for)")
+
+
+INODE_CODEC = RecordCodec(InodeRecord, "inode record", INODE_RECORD_SIZE, reserved_tail=72)
+_INODE_KIND = INODE_CODEC.layout.offset_of("kind")
 
 
 def record_capacity(block_size: int, record_size: int) -> int:
@@ -524,30 +462,10 @@ def record_capacity(block_size: int, record_size: int) -> int:
 
 
 def read_inode(buf: bytes | bytearray, index: int) -> InodeRecord | None:
-    f = INODE_RECORD.unpack_from(buf, HEADER_SIZE + INODE_RECORD_SIZE * index)
-    if f[0] == 0:
+    off = HEADER_SIZE + INODE_RECORD_SIZE * index
+    if buf[off + _INODE_KIND] == 0:
         return None
-    return InodeRecord(
-        kind=f[0],
-        flags=f[1],
-        height=f[2],
-        op=f[3],
-        ino=f[4],
-        volume_ino=f[5],
-        snap_id=f[6],
-        size=f[7],
-        root=f[8],
-        owned_blocks=f[9],
-        entry_count=f[10],
-        created_ns=f[11],
-        origin_vol=f[12],
-        origin_snap=f[13],
-        op_target=f[14],
-        incarnation=f[15],
-        referenced_blocks=f[16],
-        name=f[17].rstrip(b"\0").decode(),
-        incomplete_blocks=f[18],
-    )
+    return INODE_CODEC.unpack_from(buf, off)
 
 
 def write_inode(buf: bytearray, index: int, r: InodeRecord | None) -> None:
@@ -555,29 +473,7 @@ def write_inode(buf: bytearray, index: int, r: InodeRecord | None) -> None:
     if r is None:
         buf[off : off + INODE_RECORD_SIZE] = bytes(INODE_RECORD_SIZE)
         return
-    INODE_RECORD.pack_into(
-        buf,
-        off,
-        r.kind,
-        r.flags,
-        r.height,
-        r.op,
-        r.ino,
-        r.volume_ino,
-        r.snap_id,
-        r.size,
-        r.root,
-        r.owned_blocks,
-        r.entry_count,
-        r.created_ns,
-        r.origin_vol,
-        r.origin_snap,
-        r.op_target,
-        r.incarnation,
-        r.referenced_blocks,
-        r.name.encode(),
-        r.incomplete_blocks,
-    )
+    INODE_CODEC.pack_into(buf, off, r)
 
 
 # --- snapshot records --------------------------------------------------------------------------
@@ -591,48 +487,31 @@ SNAPF_REPLICATION = 0x02
 MAX_HOLDS = 8
 HOLD_TAG_MAX = 32
 
-SNAP_RECORD = struct.Struct(
-    "<Q"  # id (ordinal, pool-wide, never reused)
-    "16s"  # GUID (random; the identity that replication compares)
-    "Q"  # created (ns)
-    "B"  # state
-    "B"  # flags
-    "B"  # number of holds
-    "x"
-    "I"  # volumes covered
-    "64s" + "32s" * MAX_HOLDS  # name  # hold tags
-)
 SNAP_RECORD_SIZE = 512
-assert SNAP_RECORD.size <= SNAP_RECORD_SIZE
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SnapshotRecord:
-    id: int
-    guid: bytes
-    name: str
-    created_ns: int
-    state: int = SNAP_ACTIVE
-    flags: int = 0
-    covered: int = 0
-    holds: list[str] = field(default_factory=list)
+    id: int = ondisk("Q", "ordinal id, pool-wide, never reused", REQUIRED)
+    guid: bytes = ondisk("16s", "random GUID: the identity replication compares", REQUIRED)
+    created_ns: int = ondisk("Q", "created (ns since the epoch)", REQUIRED)
+    state: int = ondisk("B", "1 active, 2 being deleted; 0 marks a free slot", SNAP_ACTIVE)
+    flags: int = ondisk("B", "SNAPF_*: 0x01 writable, 0x02 made by replication")
+    hold_count: int = ondisk("B", "number of holds", hidden=True, count_of="holds")
+    covered: int = ondisk("I", "volumes covered (one shadow inode each)", pad_before=1)
+    name: str = ondisk("64s", "name", REQUIRED)
+    holds: list[str] = ondisk("32s", "hold tags", [], repeat=MAX_HOLDS)
+
+
+SNAPSHOT_CODEC = RecordCodec(SnapshotRecord, "snapshot record", SNAP_RECORD_SIZE, reserved_tail=152)
+_SNAP_STATE = SNAPSHOT_CODEC.layout.offset_of("state")
 
 
 def read_snapshot(buf: bytes | bytearray, index: int) -> SnapshotRecord | None:
-    f = SNAP_RECORD.unpack_from(buf, HEADER_SIZE + SNAP_RECORD_SIZE * index)
-    if f[3] == 0:
+    off = HEADER_SIZE + SNAP_RECORD_SIZE * index
+    if buf[off + _SNAP_STATE] == 0:
         return None
-    nholds = min(f[5], MAX_HOLDS)
-    return SnapshotRecord(
-        id=f[0],
-        guid=f[1],
-        created_ns=f[2],
-        state=f[3],
-        flags=f[4],
-        covered=f[6],
-        name=f[7].rstrip(b"\0").decode(),
-        holds=[t.rstrip(b"\0").decode() for t in f[8 : 8 + nholds]],
-    )
+    return SNAPSHOT_CODEC.unpack_from(buf, off)
 
 
 def write_snapshot(buf: bytearray, index: int, r: SnapshotRecord | None) -> None:
@@ -640,21 +519,7 @@ def write_snapshot(buf: bytearray, index: int, r: SnapshotRecord | None) -> None
     if r is None:
         buf[off : off + SNAP_RECORD_SIZE] = bytes(SNAP_RECORD_SIZE)
         return
-    holds = [t.encode() for t in r.holds[:MAX_HOLDS]]
-    holds += [b""] * (MAX_HOLDS - len(holds))
-    SNAP_RECORD.pack_into(
-        buf,
-        off,
-        r.id,
-        r.guid,
-        r.created_ns,
-        r.state,
-        r.flags,
-        len(r.holds),
-        r.covered,
-        r.name.encode(),
-        *holds,
-    )
+    SNAPSHOT_CODEC.pack_into(buf, off, r)
 
 
 # --- free-space bitmap -------------------------------------------------------------------------
@@ -678,11 +543,43 @@ RECF_MAC = 0x01
 MAC_SIZE = 32
 MAX_RECORD_PAYLOAD = (1 << 20) + 64
 
-STREAM_HEADER = struct.Struct("<4sHHIQ4x")  # magic, type, flags, payload length, sequence
-STREAM_TRAILER = struct.Struct("<I")  # CRC-32 of header + payload
-DATA_HEAD = struct.Struct("<IQI")  # volume index, first block, blocks
-HOLE_BODY = struct.Struct("<IQQ")  # volume index, first block, blocks
-assert STREAM_HEADER.size == 24
+STREAM_HEADER_LAYOUT = Layout(
+    "stream record header",
+    24,
+    [
+        ("magic", "4s", "`DSTR`"),
+        ("rtype", "H", "1 BEGIN, 2 DATA, 3 HOLE, 4 END"),
+        ("flags", "H", "0x01: an HMAC-SHA256 follows the trailer"),
+        ("length", "I", "payload bytes"),
+        ("seq", "Q", "record number, from 0 (BEGIN)"),
+        reserved(4),
+    ],
+)
+STREAM_TRAILER_LAYOUT = Layout(
+    "stream record trailer", 4, [("crc", "I", "CRC-32 of header and payload")]
+)
+DATA_HEAD_LAYOUT = Layout(
+    "DATA record payload head (whole blocks follow)",
+    16,
+    [
+        ("volume", "I", "index into BEGIN's volumes"),
+        ("first", "Q", "first block"),
+        ("count", "I", "blocks that follow"),
+    ],
+)
+HOLE_BODY_LAYOUT = Layout(
+    "HOLE record payload",
+    20,
+    [
+        ("volume", "I", "index into BEGIN's volumes"),
+        ("first", "Q", "first block"),
+        ("count", "Q", "blocks that read zeros"),
+    ],
+)
+STREAM_HEADER = STREAM_HEADER_LAYOUT.struct
+STREAM_TRAILER = STREAM_TRAILER_LAYOUT.struct
+DATA_HEAD = DATA_HEAD_LAYOUT.struct
+HOLE_BODY = HOLE_BODY_LAYOUT.struct
 
 
 class StreamRecord(NamedTuple):
@@ -741,3 +638,66 @@ def pack_hole(vol_index: int, first: int, count: int) -> bytes:
 def unpack_hole(payload: bytes) -> tuple[int, int, int]:
     v, f, n = HOLE_BODY.unpack(payload)
     return int(v), int(f), int(n)
+
+
+# --- the format, described -------------------------------------------------------------------
+
+LAYOUTS: tuple[Layout, ...] = (
+    SUPERBLOCK_CODEC.layout,
+    HEADER_LAYOUT,
+    POINTER_LAYOUT,
+    MAP_ENTRY_LAYOUT,
+    INODE_CODEC.layout,
+    SNAPSHOT_CODEC.layout,
+    STREAM_HEADER_LAYOUT,
+    STREAM_TRAILER_LAYOUT,
+    DATA_HEAD_LAYOUT,
+    HOLE_BODY_LAYOUT,
+)
+
+
+def describe_format() -> str:
+    """Every declared struct and the codes stored in them, as the markdown of docs/format.md's
+    generated part."""
+    parts = [layout.markdown() for layout in LAYOUTS]
+    rows = "\n".join(
+        f"| {t} | {name} | `{_SALT[t]:#010x}` |" for t, name in BLOCK_TYPE_NAMES.items()
+    )
+    parts.append(
+        "### Block types\n\n| type | block | checksum salt |\n|---:|---|---|\n" + rows + "\n"
+    )
+    codes = {
+        "map entry kind": {
+            KIND_NONE: "none: unallocated in live, DITTO in a shadow map",
+            KIND_ADDR: "data at `addr`",
+            KIND_HOLE: "explicitly zero",
+            KIND_ORIGIN: "a clone's origin snapshot's data (shadow maps of clones)",
+        },
+        "map entry flags": {ENTRY_INCOMPLETE: "incomplete: only [valid_lo, valid_hi) is here"},
+        "inode kind": {INODE_VOLUME: "a volume", INODE_SHADOW: "a shadow inode"},
+        "inode op": {
+            OP_NONE: "none",
+            OP_ROLLBACK: "rollback to op_target",
+            OP_DELETE: "volume delete",
+            OP_FLATTEN: "flatten (op_target: next block)",
+            OP_RECEIVE: "receive (op_target: the base snapshot)",
+        },
+        "snapshot state": {SNAP_ACTIVE: "active", SNAP_DELETING: "being deleted"},
+        "snapshot flags": {SNAPF_WRITABLE: "writable", SNAPF_REPLICATION: "made by replication"},
+        "tree owner": {
+            OWNER_INODE_TABLE: "the inode table",
+            OWNER_SNAP_TABLE: "the snapshot table",
+            OWNER_BITMAP: "the free-space bitmap",
+        },
+        "superblock features": {FEATURE_DATA_CHECKSUMS: "data checksums"},
+        "role": ROLE_NAMES,
+    }
+    table = ["### Codes", "", "| field | value | meaning |", "|---|---:|---|"]
+    for what, values in codes.items():
+        table += [f"| {what} | {v} | {meaning} |" for v, meaning in values.items()]
+    parts.append("\n".join(table) + "\n")
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    print(describe_format(), end="")

@@ -21,7 +21,6 @@ Locking: callers hold the engine lock for every call below.
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
@@ -29,6 +28,7 @@ from .device import Device
 from .layout import (
     BT_INTERIOR,
     HEADER_SIZE,
+    child_pointers,
     get_pointer,
     interior_fanout,
     nonzero_records,
@@ -435,8 +435,7 @@ class RadixTree:
         freed = 1
         if level > 0:
             node = self.store.load(addr, BT_INTERIOR, level)
-            ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
-            for a in ptrs:
+            for a in child_pointers(node.buf, self.fanout):
                 if a:
                     freed += self._free_clean(a, level - 1)
         self.store.forget(addr)
@@ -452,7 +451,6 @@ class RadixTree:
         yield addr, level
         if level > 0:
             node = self.store.load(addr, BT_INTERIOR, level)
-            ptrs = struct.unpack_from(f"<{self.fanout}Q", node.buf, HEADER_SIZE)
-            for a in ptrs:
+            for a in child_pointers(node.buf, self.fanout):
                 if a:
                     yield from self._addresses(a, level - 1)

@@ -199,7 +199,7 @@ class Pool:
         pool.commit()
         # The other slot gets the same state one generation lower, so no stale superblock of an
         # earlier pool on this disk can ever win.
-        old = Superblock(**{**pool.sb.__dict__, "generation": pool.sb.generation - 1})
+        old = replace(pool.sb, generation=pool.sb.generation - 1)
         device.pwrite(pack_superblock(old), SUPERBLOCK_OFFSETS[old.generation % 2])
         device.sync()
         return pool

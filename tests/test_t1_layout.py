@@ -274,7 +274,9 @@ def test_snapshot_record_round_trip_with_holds() -> None:
         L.write_snapshot(buf, i, recs[i])
     for i in range(cap):
         assert L.read_snapshot(buf, i) == recs[i]
-    full = L.SnapshotRecord(7, b"g" * 16, "full", 1, holds=["t" * 32] * L.MAX_HOLDS)
+    full = L.SnapshotRecord(
+        id=7, guid=b"g" * 16, name="full", created_ns=1, holds=["t" * 32] * L.MAX_HOLDS
+    )
     L.write_snapshot(buf, 1, full)
     assert L.read_snapshot(buf, 1) == full
     L.write_snapshot(buf, 2, None)

@@ -16,9 +16,10 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from . import rundir
-from .control import MAX_MESSAGE, PROTOCOL_VERSION, dispatch
+from .control import MAX_MESSAGE
 from .engine import Engine, Progress
 from .errors import ERRORS_BY_CODE, DittoError, NotFound, ProtocolError, ServerUnavailable
+from .operations import PROTOCOL_VERSION, dispatch
 
 
 class PoolClient(ABC):
@@ -32,7 +33,7 @@ class PoolClient(ABC):
         progress: Progress | None = None,
         fd: int | None = None,
     ) -> Any:
-        """Run one operation (control.dispatch's names); raise DittoError on failure."""
+        """Run one operation (operations.OPERATIONS' names); raise DittoError on failure."""
 
     @abstractmethod
     def close(self) -> None:

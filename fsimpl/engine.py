@@ -301,6 +301,12 @@ class Engine(SnapshotManagement, VolumeManagement, ReplicationOps):
                 self._volume_for(ex)
             self._make_durable()
 
+    def commit_now(self) -> int:
+        """Make everything written so far durable; returns the committed generation."""
+        with self.lock:
+            self._make_durable()
+            return self.pool.sb.generation
+
     def _make_durable(self) -> None:
         """Everything written so far survives a crash: commit, or just sync the data."""
         if not self._commit():

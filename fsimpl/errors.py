@@ -3,7 +3,9 @@
 Every error the engine raises is a `DittoError`. Each subclass carries three translations, so the
 edges never guess: `code` (a stable string for the control protocol), `exit_code` (snapctl's exit
 status) and `errno` (what the nbdkit plugin hands to `nbdkit.set_error`). Messages say what went
-wrong and what to do about it.
+wrong and what to do about it. `nbd_only` marks the errors only requests on exports raise: NBD
+clients see their errno, never their code (docs/control-protocol.md lists them apart). The
+first line of each class's docstring is its row in that document.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ EXIT_REFUSED = 4
 
 
 class DittoError(Exception):
-    """Base of every engine error."""
+    """Any other failure."""
 
     code = "failed"
     exit_code = EXIT_FAILED
     errno = _errno.EIO
+    nbd_only = False
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -96,6 +99,7 @@ class ReadOnlyExport(DittoError):
     code = "read_only"
     exit_code = EXIT_REFUSED
     errno = _errno.EPERM
+    nbd_only = True
 
 
 class ExportGone(DittoError):
@@ -103,6 +107,7 @@ class ExportGone(DittoError):
 
     code = "gone"
     errno = _errno.EIO
+    nbd_only = True
 
 
 class OutOfRange(DittoError):
@@ -110,6 +115,7 @@ class OutOfRange(DittoError):
 
     code = "out_of_range"
     errno = _errno.EINVAL
+    nbd_only = True
 
 
 # --- raised by management operations ---------------------------------------------------------
@@ -213,3 +219,27 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         StreamError,
     )
 }
+
+
+def describe_errors() -> str:
+    """The error tables of docs/control-protocol.md: codes that cross the control socket (with
+    snapctl's exit status), then those only NBD clients see (as an errno)."""
+    import errno as errnos
+
+    def when(cls: type[DittoError]) -> str:
+        return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+
+    control = ["| code | exit | when |", "|---|---:|---|"]
+    nbd = ["| code | errno | when |", "|---|---|---|"]
+    for code, cls in ERRORS_BY_CODE.items():
+        if cls.nbd_only:
+            nbd.append(f"| `{code}` | {errnos.errorcode[cls.errno]} | {when(cls)} |")
+        else:
+            control.append(f"| `{code}` | {cls.exit_code} | {when(cls)} |")
+    return (
+        "### Error codes and exit codes\n\n"
+        + "\n".join(control)
+        + "\n\n### Errors only NBD clients see\n\n"
+        "Requests on exports fail with an errno (nbdkit sends it to the client); these never "
+        "cross the control socket.\n\n" + "\n".join(nbd) + "\n"
+    )

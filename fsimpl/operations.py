@@ -20,9 +20,10 @@ from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from . import standby
+from .core import Progress
 from .errors import InvalidArgument, ProtocolError
-from .management import DEFAULT_HOLD_TAG, Progress, SnapshotInfo
 from .names import DEFAULT_VOLUME
+from .snapshot_ops import DEFAULT_HOLD_TAG, SnapshotInfo
 
 if TYPE_CHECKING:
     from .engine import Engine

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from . import snapshots as snapops
+from .core import EngineCore, OperationModule, Progress
 from .errors import InvalidArgument, NotFound, Refused, StreamError
 from .layout import (
     KIND_ADDR,
@@ -51,12 +50,8 @@ from .layout import (
     unpack_hole,
     unpack_record_header,
 )
+from .snapshot_ops import SnapshotOps
 from .volume import Volume
-
-if TYPE_CHECKING:
-    from .txn import Pool
-
-Progress = Callable[[int, int], None]
 
 
 class ByteSink(Protocol):
@@ -102,35 +97,14 @@ def parse_token(token: str) -> dict[str, Any]:
         ) from None
 
 
-class ReplicationOps:
-    """Send and receive, mixed into Engine (it provides the lock, the pool and the commit)."""
+class ReplicationStreams(OperationModule):
+    """Send and receive."""
 
-    if TYPE_CHECKING:
-        lock: threading.RLock
-        pool: Pool
-        cow: str
-        pins: dict[int, int]
-
-        def _commit(self) -> bool: ...
-        def _keep_commit_room(self) -> None: ...
-        def volume(self, name: str) -> Volume: ...
-        def snapshot(self, name: str) -> SnapshotRecord: ...
-        def rollback(
-            self,
-            name: str,
-            volume: str = ...,
-            destroy_newer: bool = ...,
-            force: bool = ...,
-            progress: Progress | None = ...,
-        ) -> list[str]: ...
+    def __init__(self, core: EngineCore, snapshots: SnapshotOps) -> None:
+        super().__init__(core)
+        self.snapshots = snapshots  # abort_receive rolls the volumes back to their base
 
     # --- sending --------------------------------------------------------------------------------
-
-    def snapshot_by_guid(self, guid: bytes) -> SnapshotRecord:
-        for rec in self.pool.snapshots.values():
-            if rec.guid == guid and rec.state == SNAP_ACTIVE:
-                return rec
-        raise NotFound(f"no snapshot with GUID {guid.hex()} in this pool")
 
     def _plan(
         self, base: SnapshotRecord | None, to: SnapshotRecord
@@ -206,8 +180,8 @@ class ReplicationOps:
     def stream_size(self, from_name: str | None, to_name: str) -> dict[str, int]:
         """What `send -n` prints: records, data bytes, hole blocks."""
         with self.lock:
-            to = self.snapshot(to_name)
-            base = self.snapshot(from_name) if from_name else None
+            to = self.core.snapshot(to_name)
+            base = self.core.snapshot(from_name) if from_name else None
             _, pieces = self._plan(base, to)
             bs = self.pool.block_size
             data = sum(p.count for p in pieces if p.rtype == REC_DATA)
@@ -233,17 +207,19 @@ class ReplicationOps:
             start = 0
             if resume:
                 tok = parse_token(resume)
-                to = self.snapshot_by_guid(bytes.fromhex(tok["to"]))
-                base = self.snapshot_by_guid(bytes.fromhex(tok["from"])) if tok["from"] else None
+                to = self.core.snapshot_by_guid(bytes.fromhex(tok["to"]))
+                base = (
+                    self.core.snapshot_by_guid(bytes.fromhex(tok["from"])) if tok["from"] else None
+                )
                 start = int(tok["records"])
             else:
-                to = self.snapshot(to_name)
-                base = self.snapshot(from_name) if from_name else None
+                to = self.core.snapshot(to_name)
+                base = self.core.snapshot(from_name) if from_name else None
             begin, pieces = self._plan(base, to)
             begin["resume_from"] = start
             pinned = [to.id] + ([base.id] if base else [])
             for sid in pinned:
-                self.pins[sid] = self.pins.get(sid, 0) + 1
+                self.core.pins[sid] = self.core.pins.get(sid, 0) + 1
         sent = 0
         try:
             sink.write(pack_record(REC_BEGIN, 0, json.dumps(begin).encode(), mac_key))
@@ -262,7 +238,7 @@ class ReplicationOps:
         finally:
             with self.lock:
                 for sid in pinned:
-                    self.pins[sid] -= 1
+                    self.core.pins[sid] -= 1
         return {"records": len(pieces) + 2 - start, "blocks": sent}
 
     def _piece_record(
@@ -328,14 +304,14 @@ class ReplicationOps:
                     applied += 1
                     if applied % COMMIT_EVERY == 0:
                         self.pool.sb.recv_records = expected
-                        self._commit()
+                        self.core.commit()
                 if progress:
                     progress(expected, total)
         except (StreamError, EOFError) as e:
             with self.lock:
                 self.pool.sb.recv_records = expected
                 self.pool.sb_dirty = True
-                self._commit()
+                self.core.commit()
             why = "the stream ended early" if isinstance(e, EOFError) else str(e)
             raise StreamError(
                 f"receive of '{begin['to_name']}' stopped at record {expected}: {why}; the "
@@ -432,7 +408,7 @@ class ReplicationOps:
             sb.recv_to_guid, sb.recv_from_guid = to_guid, from_guid
             sb.recv_records, sb.recv_name = 1, begin["to_name"]
         pool.sb_dirty = True
-        self._commit()
+        self.core.commit()
         return vols
 
     def _apply(self, vols: list[Volume], rtype: int, payload: bytes) -> None:
@@ -443,7 +419,7 @@ class ReplicationOps:
             data = memoryview(payload)[16:]
             if vi >= len(vols) or len(data) != count * bs:
                 raise StreamError("a DATA record does not fit the stream's volumes")
-            vols[vi].write(ctx, data, first * bs, self.cow)
+            vols[vi].write(ctx, data, first * bs, self.core.cow)
         elif rtype == REC_HOLE:
             vi, first, count = unpack_hole(payload)
             if vi >= len(vols):
@@ -451,7 +427,7 @@ class ReplicationOps:
             vols[vi].deallocate(ctx, first, count)
         else:
             raise StreamError(f"unexpected record type {rtype} inside the stream")
-        self._keep_commit_room()
+        self.core.keep_commit_room()
 
     def _finish_receive(self, begin: dict[str, Any], vols: list[Volume]) -> dict[str, Any]:
         pool = self.pool
@@ -466,7 +442,7 @@ class ReplicationOps:
         sb.recv_to_guid = sb.recv_from_guid = bytes(16)
         sb.recv_records, sb.recv_name = 0, ""
         pool.sb_dirty = True
-        self._commit()
+        self.core.commit()
         return {"name": rec.name, "guid": rec.guid.hex(), "volumes": [v.name for v in vols]}
 
     def abort_receive(self) -> dict[str, Any]:
@@ -487,10 +463,10 @@ class ReplicationOps:
             sb.recv_to_guid = sb.recv_from_guid = bytes(16)
             sb.recv_records, sb.recv_name = 0, ""
             self.pool.sb_dirty = True
-            self._commit()
+            self.core.commit()
         for vol, base in plans:
             if base:
-                self.rollback(self.pool.snapshots[base].name, vol.name, force=True)
+                self.snapshots.rollback(self.pool.snapshots[base].name, vol.name, force=True)
             else:
                 with self.lock:
                     vol.deallocate(
@@ -498,7 +474,7 @@ class ReplicationOps:
                         0,
                         (vol.inode.size + self.pool.block_size - 1) // self.pool.block_size,
                     )
-                    self._commit()
+                    self.core.commit()
         return {"discarded": name}
 
 

@@ -46,14 +46,11 @@ from .layout import (
     ROLE_NAMES,
     ROLE_PRIMARY,
     ROLE_STANDBY,
-    SNAP_ACTIVE,
-    SNAPF_REPLICATION,
 )
 
 if TYPE_CHECKING:
     from .engine import Engine
 
-REPLICATION_HOLD = "replication"
 _FRAME = struct.Struct("<IQ")  # payload length, sequence
 _MAX_FRAME = 1 << 20
 _TIMEOUT = 30.0
@@ -251,7 +248,7 @@ class ReplicationEndpoint:
         op = req.get("op")
         engine = self.engine
         if op == "status":
-            return status(engine)
+            return engine.roles.status()
         if op == "receive":
             if engine.resume_token() is not None:
                 # a transfer from our primary broke off earlier; each sync sends a new
@@ -260,17 +257,17 @@ class ReplicationEndpoint:
             result = engine.receive(_StreamSource(conn), conn.session, bool(req.get("force")))
             with engine.lock:
                 rec = engine.snapshot_by_guid(bytes.fromhex(result["guid"]))
-                _hold(engine, rec.name)
-                _set_common(engine, rec.guid)
+                engine.roles.hold_for_replication(rec.name)
+                engine.roles.set_last_common(rec.guid)
             return {"received": result}
         if op == "retire":  # older replication snapshots: the peer holds a newer common one
             keep = bytes.fromhex(str(req["keep"]))
-            return {"deleted": retire_older(engine, keep)}
+            return {"deleted": engine.roles.retire_older(keep)}
         if op == "set_role":
             role = {v: k for k, v in ROLE_NAMES.items()}.get(str(req.get("role")), -1)
             if role < 0:
                 raise InvalidArgument(f"unknown role {req.get('role')!r}")
-            set_role(engine, role, str(req.get("peer", "")))
+            engine.roles.set_role(role, str(req.get("peer", "")))
             return {"role": ROLE_NAMES[role]}
         raise InvalidArgument(f"unknown standby operation {op!r}")
 
@@ -299,40 +296,18 @@ class _StreamSink:
         pass
 
 
-# --- pool-side state ---------------------------------------------------------------------------
-
-
-def status(engine: Engine) -> dict[str, Any]:
-    with engine.lock:
-        sb = engine.pool.sb
-        snaps = sorted(
-            (r for r in engine.pool.snapshots.values() if r.state == SNAP_ACTIVE),
-            key=lambda r: r.id,
-        )
-        common = next((r for r in snaps if r.guid == sb.last_common_guid), None)
-        return {
-            "pool_guid": sb.pool_guid.hex(),
-            "role": ROLE_NAMES.get(sb.role, "?"),
-            "peer": sb.peer,
-            "superseded": bool(sb.superseded),
-            "snapshots": [
-                {"name": r.name, "guid": r.guid.hex(), "created_ns": r.created_ns} for r in snaps
-            ],
-            "last_common": common.name if common else None,
-            "last_common_guid": sb.last_common_guid.hex() if common else None,
-            "last_common_created_ns": common.created_ns if common else None,
-            "live_has_data": any(v.inode.owned_blocks for v in engine.pool.volumes.values()),
-        }
+# --- status ------------------------------------------------------------------------------------
 
 
 def status_with_lag(
     engine: Engine, identity: str | None = None, key: bytes | None = None
 ) -> dict[str, Any]:
-    """status() plus how far live has moved since the last common snapshot. With the key, a
-    primary also asks its peer, and learns so if the peer has been promoted meanwhile."""
+    """The pool's standby status plus how far live has moved since the last common snapshot.
+    With the key, a primary also asks its peer, and learns so if the peer has been promoted
+    meanwhile."""
     if key and identity:
         _learn_superseded(engine, identity, key)
-    st = status(engine)
+    st = engine.roles.status()
     st["lag_bytes"] = None
     st["lag_seconds"] = None
     if st["last_common"]:
@@ -343,13 +318,11 @@ def status_with_lag(
 
 
 def _learn_superseded(engine: Engine, identity: str, key: bytes) -> None:
-    with engine.lock:
-        sb = engine.pool.sb
-        if sb.role != ROLE_PRIMARY or sb.superseded or not sb.peer:
-            return
-        address = sb.peer
+    state = engine.roles.state()
+    if state.role != ROLE_PRIMARY or state.superseded or not state.peer:
+        return
     try:
-        conn = connect_peer(address, identity, key)
+        conn = connect_peer(state.peer, identity, key)
     except (ServerUnavailable, OSError):
         return  # unreachable: nothing learned
     try:
@@ -357,82 +330,11 @@ def _learn_superseded(engine: Engine, identity: str, key: bytes) -> None:
     finally:
         conn.close()
     if peer["role"] == "primary" and not peer["superseded"]:
-        set_role(engine, ROLE_PRIMARY, address, superseded=1)
+        engine.roles.set_role(ROLE_PRIMARY, state.peer, superseded=True)
 
 
-def set_role(engine: Engine, role: int, peer: str | None = None, superseded: int = 0) -> None:
-    with engine.lock:
-        sb = engine.pool.sb
-        sb.role = role
-        if peer is not None:
-            sb.peer = peer
-        sb.superseded = superseded
-        engine.pool.sb_dirty = True
-        engine._commit()
-
-
-def _set_common(engine: Engine, guid: bytes) -> None:
-    engine.pool.sb.last_common_guid = guid
-    engine.pool.sb_dirty = True
-    engine._commit()
-
-
-def _hold(engine: Engine, name: str) -> None:
-    rec = engine.snapshot(name)
-    if REPLICATION_HOLD not in rec.holds:
-        engine.hold(name, REPLICATION_HOLD)
-
-
-def retire_older(engine: Engine, keep: bytes) -> list[str]:
-    """Release and delete the replication snapshots older than the common one `keep`."""
-    with engine.lock:
-        try:
-            kept = engine.snapshot_by_guid(keep)
-        except NotFound:
-            return []
-        old = [
-            r
-            for r in engine.pool.snapshots.values()
-            if r.state == SNAP_ACTIVE and r.flags & SNAPF_REPLICATION and r.id < kept.id
-        ]
-        names = [r.name for r in old]
-        for r in old:
-            if REPLICATION_HOLD in r.holds:
-                engine.release(r.name, REPLICATION_HOLD)
-    gone = []
-    for name in names:
-        try:
-            if not engine.snapshot(name).holds:
-                engine.delete_snapshot(name)
-                gone.append(name)
-        except DittoError:
-            pass  # held by the user, or cloned: it stays, which is what they asked for
-    return gone
-
-
-def _new_replication_snapshot(engine: Engine) -> str:
-    name = time.strftime("repl-%Y%m%d-%H%M%S", time.gmtime())
-    with engine.lock:
-        taken = {r.name for r in engine.pool.snapshots.values()}
-        n, base = 1, name
-        while name in taken:
-            n += 1
-            name = f"{base}-{n}"
-        engine.create_snapshot(name, replication=True)
-        _hold(engine, name)
-    return name
-
-
-def newest_common(engine: Engine, peer_status: dict[str, Any]) -> str | None:
-    """Our newest snapshot whose GUID the peer also holds."""
-    theirs = {s["guid"] for s in peer_status["snapshots"]}
-    with engine.lock:
-        ours = sorted(
-            (r for r in engine.pool.snapshots.values() if r.state == SNAP_ACTIVE),
-            key=lambda r: r.id,
-            reverse=True,
-        )
-        return next((r.name for r in ours if r.guid.hex() in theirs), None)
+def _newest_common(engine: Engine, peer_status: dict[str, Any]) -> str | None:
+    return engine.roles.newest_common({s["guid"] for s in peer_status["snapshots"]})
 
 
 def _push(
@@ -453,37 +355,36 @@ def attach(
     engine: Engine, address: str, identity: str, key: bytes, me: str, force: bool = False
 ) -> dict[str, Any]:
     """FIG. 15A: make the peer at address our standby and bring it up to date."""
-    with engine.lock:
-        sb = engine.pool.sb
-        if sb.role == ROLE_STANDBY or sb.superseded:
-            raise Refused(
-                "this pool is a standby (or was superseded): it cannot feed a peer; "
-                "'snapctl standby promote' or 'demote' first"
-            )
+    state = engine.roles.state()
+    if state.role == ROLE_STANDBY or state.superseded:
+        raise Refused(
+            "this pool is a standby (or was superseded): it cannot feed a peer; "
+            "'snapctl standby promote' or 'demote' first"
+        )
     conn = connect_peer(address, identity, key)
     try:
         peer = conn.call("status")
-        if peer["pool_guid"] == engine.pool.sb.pool_guid.hex():
+        if peer["pool_guid"] == state.pool_guid.hex():
             raise Refused("the peer is this very pool")
         if peer["role"] == "primary" and not peer["superseded"]:
             raise Refused(
                 f"the peer at {address} is a primary itself; demote it first "
                 "('snapctl standby demote' there)"
             )
-        base = newest_common(engine, peer)
+        base = _newest_common(engine, peer)
         if base is None and peer["live_has_data"] and not force:
             raise Refused(
                 f"the peer at {address} holds data of its own and shares no "
                 "snapshot with this pool; add --force to overwrite it"
             )
-        to = _new_replication_snapshot(engine)
+        to = engine.roles.new_replication_snapshot()
         reply = _push(engine, conn, base, to, force or base is None)
         conn.call("set_role", role="standby", peer=me)
-        set_role(engine, ROLE_PRIMARY, address)
-        with engine.lock:
-            _set_common(engine, engine.snapshot(to).guid)
-        conn.call("retire", keep=engine.snapshot(to).guid.hex())
-        retire_older(engine, engine.snapshot(to).guid)
+        engine.roles.set_role(ROLE_PRIMARY, address)
+        guid = engine.snapshot(to).guid
+        engine.roles.set_last_common(guid)
+        conn.call("retire", keep=guid.hex())
+        engine.roles.retire_older(guid)
         return {"snapshot": to, "base": base, "peer": address, "received": reply["received"]}
     finally:
         conn.close()
@@ -491,18 +392,17 @@ def attach(
 
 def sync(engine: Engine, identity: str, key: bytes) -> dict[str, Any]:
     """One round of FIG. 15A's steady state: snapshot N+1, send N -> N+1, retire older."""
-    with engine.lock:
-        sb = engine.pool.sb
-        if sb.role != ROLE_PRIMARY or not sb.peer:
-            raise Refused("this pool has no standby: 'snapctl standby attach HOST:PORT' first")
-        if sb.superseded:
-            raise Refused("this pool was superseded by its peer: 'snapctl standby demote'")
-        address = sb.peer
+    state = engine.roles.state()
+    if state.role != ROLE_PRIMARY or not state.peer:
+        raise Refused("this pool has no standby: 'snapctl standby attach HOST:PORT' first")
+    if state.superseded:
+        raise Refused("this pool was superseded by its peer: 'snapctl standby demote'")
+    address = state.peer
     conn = connect_peer(address, identity, key)
     try:
         peer = conn.call("status")
         if peer["role"] == "primary" and not peer["superseded"]:
-            set_role(engine, ROLE_PRIMARY, address, superseded=1)
+            engine.roles.set_role(ROLE_PRIMARY, address, superseded=True)
             raise Refused(
                 f"the peer at {address} has become primary: this pool was "
                 "superseded; 'snapctl standby demote' to rejoin as its standby"
@@ -515,11 +415,10 @@ def sync(engine: Engine, identity: str, key: bytes) -> dict[str, Any]:
 def promote(engine: Engine, identity: str, key: bytes, force: bool = False) -> dict[str, Any]:
     """FIG. 15B: the primary is lost; this standby restores its last complete snapshot and
     becomes primary."""
-    with engine.lock:
-        sb = engine.pool.sb
-        if sb.role == ROLE_PRIMARY and not sb.superseded:
-            raise Refused("this pool is already the primary")
-        address = sb.peer
+    state = engine.roles.state()
+    if state.is_live_primary:
+        raise Refused("this pool is already the primary")
+    address = state.peer
     if address and not force:
         try:
             conn = connect_peer(address, identity, key)
@@ -545,7 +444,7 @@ def promote(engine: Engine, identity: str, key: bytes, force: bool = False) -> d
     last = _newest_snapshot(engine)
     if last is not None:
         engine.rollback(last, force=True)
-    set_role(engine, ROLE_PRIMARY, address)
+    engine.roles.set_role(ROLE_PRIMARY, address)
     return {"role": "primary", "restored": last, "peer": address}
 
 
@@ -557,12 +456,10 @@ def demote(
 ) -> dict[str, Any]:
     """FIG. 15C: an old primary rejoins as standby: live goes back to the last snapshot its
     peer acknowledged; the change it discards can be saved first (save_diverged(base, tip))."""
-    with engine.lock:
-        sb = engine.pool.sb
-        common_guid = sb.last_common_guid
-        address = sb.peer
+    state = engine.roles.state()
+    address = state.peer
     try:
-        base = engine.snapshot_by_guid(common_guid).name
+        base = engine.snapshot_by_guid(state.last_common_guid).name
     except NotFound:
         raise Refused(
             "this pool knows no snapshot in common with its peer; it cannot rejoin "
@@ -583,7 +480,7 @@ def demote(
         for tag in list(rec.holds):
             engine.release(name, tag)
     engine.rollback(base, destroy_newer=True, force=True)
-    set_role(engine, ROLE_STANDBY, address)
+    engine.roles.set_role(ROLE_STANDBY, address)
     return {
         "role": "standby",
         "restored": base,
@@ -597,34 +494,18 @@ def failback(
     engine: Engine, identity: str, key: bytes, me: str, force: bool = False
 ) -> dict[str, Any]:
     """FIG. 15D: hand the primary role back: final snapshot, send it, swap roles."""
-    with engine.lock:
-        sb = engine.pool.sb
-        if sb.role != ROLE_PRIMARY or not sb.peer:
-            raise Refused("only a primary with a standby can fail back")
-        writers = sum(engine.connections.values())
-        if writers and not force:
-            raise Refused(
-                f"live has {writers} client connection(s): stop them, or add --force "
-                "(live turns read-only first)"
-            )
-        sb.role = ROLE_STANDBY  # from here on live is read-only: the final snapshot is final
-        engine.pool.sb_dirty = True
-        engine._commit()
-        for vol in engine.pool.volumes.values():
-            vol.inode.incarnation += 1  # writers' connections fail from now on
-            engine.pool.touch_inode(vol.inode)
-        address = sb.peer
+    address = engine.roles.begin_handover(force)  # live is read-only from here on
     try:
         result = sync_as(engine, identity, key, address)
     except DittoError:
-        set_role(engine, ROLE_PRIMARY, address)  # the handover failed: stay primary
+        engine.roles.set_role(ROLE_PRIMARY, address)  # the handover failed: stay primary
         raise
     conn = connect_peer(address, identity, key)
     try:
         conn.call("set_role", role="primary", peer=me)
     finally:
         conn.close()
-    set_role(engine, ROLE_STANDBY, address)
+    engine.roles.set_role(ROLE_STANDBY, address)
     return {"role": "standby", "final": result["snapshot"], "peer": address}
 
 
@@ -640,19 +521,18 @@ def sync_as(engine: Engine, identity: str, key: bytes, address: str) -> dict[str
 def _send_change(engine: Engine, conn: PeerConnection, peer: dict[str, Any]) -> dict[str, Any]:
     """One sync step: a new replication snapshot, the change since the newest snapshot both
     pools share sent to the peer, which becomes the common one; older ones retired on both."""
-    base = newest_common(engine, peer)
+    base = _newest_common(engine, peer)
     if base is None:
         raise Refused(
             "the peer shares no snapshot with this pool any more: 'snapctl standby attach' again"
         )
-    to = _new_replication_snapshot(engine)
+    to = engine.roles.new_replication_snapshot()
     t0 = time.monotonic()
     reply = _push(engine, conn, base, to, False)
-    with engine.lock:
-        guid = engine.snapshot(to).guid
-        _set_common(engine, guid)
+    guid = engine.snapshot(to).guid
+    engine.roles.set_last_common(guid)
     conn.call("retire", keep=guid.hex())
-    retire_older(engine, guid)
+    engine.roles.retire_older(guid)
     return {
         "snapshot": to,
         "base": base,

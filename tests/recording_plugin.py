@@ -25,7 +25,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from fsimpl import engine as _engine  # noqa: E402
+from fsimpl import opening as _opening  # noqa: E402
 from fsimpl.device import Device  # noqa: E402
 
 RECORD = struct.Struct("<BQQ")
@@ -74,7 +74,7 @@ class LoggingDevice(Device):
         self._log(TRUNCATE, 0, size)
 
 
-_engine.Device = LoggingDevice  # type: ignore[misc]  # what Engine.open opens disks with
+_opening.Device = LoggingDevice  # type: ignore[misc]  # what Engine.open opens disks with
 
 # Run the real plugin in this module's namespace, so nbdkit finds its callbacks here.
 __file__ = os.path.join(_ROOT, "plugin", "plugin.py")

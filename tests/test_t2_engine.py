@@ -381,7 +381,7 @@ def test_delete_in_background_steps_while_live_changes(
 ) -> None:
     """A delete reclaims one leaf per step (STEP_SECONDS = 0); between steps the pool is used:
     writes, trims, a new snapshot, a reopen. Every other export stays exact throughout."""
-    import fsimpl.engine as engine_mod
+    import fsimpl.core as engine_mod
 
     monkeypatch.setattr(engine_mod, "STEP_SECONDS", 0.0)
     nblocks = 900  # six map leaves
@@ -764,7 +764,7 @@ def test_live_read_during_a_stepped_rollback_is_never_a_mix(
     engine lock between them, so a client may connect to live meanwhile. What it reads must
     be the snapshot's content (the state the rollback makes) or an error; never half of the
     old live and half of the snapshot."""
-    import fsimpl.engine as engine_mod
+    import fsimpl.core as engine_mod
 
     monkeypatch.setattr(engine_mod, "STEP_SECONDS", 0.0)
     nblocks = 900  # six map leaves

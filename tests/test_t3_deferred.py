@@ -206,7 +206,7 @@ def test_crash_keeps_incomplete_blocks_readable(pool: Pool) -> None:
     assert pool.vol.live.inode.incomplete_blocks == 14
     assert_checker_clean(pool.path)
     # the background merge finds what the earlier run left by scanning live's map
-    pool.engine.last_write -= MERGE_IDLE
+    pool.engine.core.last_write -= MERGE_IDLE
     while pool.engine.tick():
         pass
     assert pool.vol.live.inode.incomplete_blocks == 0
@@ -223,7 +223,7 @@ def test_background_merge_when_idle(pool: Pool) -> None:
     assert pool.vol.live.inode.incomplete_blocks == 10
     pool.engine.tick()  # right after the writes: the merge waits for the pool to be idle
     assert pool.vol.live.inode.incomplete_blocks == 10
-    pool.engine.last_write -= MERGE_IDLE
+    pool.engine.core.last_write -= MERGE_IDLE
     while pool.engine.tick():
         pass
     assert pool.vol.live.inode.incomplete_blocks == 0

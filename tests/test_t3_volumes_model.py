@@ -590,7 +590,7 @@ class CrashAfter:
         if self.calls > self.steps:
             if self.commit_first:
                 with self.engine.lock:
-                    self.engine._commit()
+                    self.engine.core.commit()
             raise Crash
 
 
@@ -754,7 +754,7 @@ LONG_OPS = [
 
 @pytest.mark.parametrize("cow", ["move", "copy"])
 def test_crash_inside_long_operations(tmp_path: Path, cow: str, monkeypatch) -> None:  # noqa: ANN001
-    monkeypatch.setattr("fsimpl.engine.STEP_SECONDS", 0.0)
+    monkeypatch.setattr("fsimpl.core.STEP_SECONDS", 0.0)
     base = tmp_path / "base.img"
     m0 = _base_pool(base, cow)
     work = tmp_path / "work.img"
@@ -849,7 +849,7 @@ ONLINE = {
 def test_io_between_steps_of_long_operations(tmp_path: Path, cow: str, monkeypatch) -> None:  # noqa: ANN001
     """Clients keep writing (and a volume being rolled back keeps being read) between the
     steps of every long operation: the finished operation and every write must both show."""
-    monkeypatch.setattr("fsimpl.engine.STEP_SECONDS", 0.0)
+    monkeypatch.setattr("fsimpl.core.STEP_SECONDS", 0.0)
     base = tmp_path / "base.img"
     m0 = _base_pool(base, cow)
     work = tmp_path / "work.img"

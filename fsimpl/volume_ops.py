@@ -1,52 +1,29 @@
-"""Volume management: several volumes per pool, clones, flatten, writable snapshots.
+"""Volume operations: several volumes per pool, clones, flatten and promote.
 
-`VolumeManagement` is mixed into `Engine` beside `SnapshotManagement`. A pool holds any number
-of volumes (`live` is only the default one); each is exported as NAME and NAME@SNAPSHOT. A clone
-is a volume whose never-written blocks read a snapshot of another volume: creating it is O(1),
-the snapshot it depends on cannot be deleted while it exists, and `flatten` (or `promote`)
-copies what it still reads from there so it stands alone. Long operations (volume delete,
-flatten) are persistent operations on the volume's inode, run in bounded background steps and
-resumed after a crash.
+A pool holds any number of volumes (`live` is only the default one); each is exported as NAME
+and NAME@SNAPSHOT. A clone is a volume whose never-written blocks read a snapshot of another
+volume: creating it is O(1), the snapshot it depends on cannot be deleted while it exists, and
+`flatten` (or `promote`) copies what it still reads from there so it stands alone. Long
+operations (volume delete, flatten) are persistent operations on the volume's inode, run in
+bounded background steps and resumed after a crash.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .errors import InvalidArgument, NameTaken, NotFound, Refused
-from .layout import (
-    KIND_ADDR,
-    OP_DELETE,
-    OP_FLATTEN,
-    OP_NONE,
-    SNAP_ACTIVE,
-    SNAPF_WRITABLE,
-    SnapshotRecord,
-)
+from .background import BackgroundWork
+from .core import EngineCore, OperationModule, Progress
+from .errors import InvalidArgument, NameTaken, Refused
+from .layout import KIND_ADDR, OP_DELETE, OP_FLATTEN, OP_NONE, SNAP_ACTIVE, SNAPF_WRITABLE
 from .names import check_name, parse_export
 from .volume import Volume
 
-if TYPE_CHECKING:
-    from .txn import Pool
 
-Progress = Callable[[int, int], None]
-
-
-class VolumeManagement:
-    if TYPE_CHECKING:
-        lock: threading.RLock
-        pool: Pool
-        cow: str
-        connections: dict[int, int]
-
-        def _commit(self) -> bool: ...
-        def _run_steps(
-            self, busy: Callable[[], bool], progress: Progress | None, left: Callable[[], int]
-        ) -> None: ...
-        def volume(self, name: str) -> Volume: ...
-        def snapshot(self, name: str) -> SnapshotRecord: ...
+class VolumeOps(OperationModule):
+    def __init__(self, core: EngineCore, background: BackgroundWork) -> None:
+        super().__init__(core)
+        self.background = background
 
     # --- create, list, resize -----------------------------------------------------------------
 
@@ -61,7 +38,7 @@ class VolumeManagement:
         with self.lock:
             self._volume_name_free(name)
             vol = self.pool.create_volume(name, size)
-            self._commit()
+            self.core.commit()
             return self._volume_json(vol)
 
     def list_volumes(self) -> list[dict[str, Any]]:
@@ -83,7 +60,7 @@ class VolumeManagement:
             "origin": origin,
             "clones": [c.name for c in self.pool.clones_of(vol)],
             "flattening": vol.inode.op == OP_FLATTEN,
-            "connections": self.connections.get(vol.ino, 0),
+            "connections": self.core.connections.get(vol.ino, 0),
         }
 
     def resize_volume(self, name: str, size: int, force: bool = False) -> dict[str, Any]:
@@ -92,7 +69,7 @@ class VolumeManagement:
         if size <= 0:
             raise InvalidArgument(f"size {size}: a volume needs a size > 0")
         with self.lock:
-            vol = self.volume(name)
+            vol = self.core.volume(name)
             if vol.inode.op not in (OP_NONE,):
                 raise Refused(f"volume {name} is busy (rollback, delete or flatten); wait")
             old = vol.inode.size
@@ -105,7 +82,7 @@ class VolumeManagement:
                 self._shrink(vol, size)
             vol.inode.size = size
             self.pool.touch_inode(vol.inode)
-            self._commit()
+            self.core.commit()
             return self._volume_json(vol)
 
     def _shrink(self, vol: Volume, size: int) -> None:
@@ -137,15 +114,15 @@ class VolumeManagement:
         """Delete a volume; with recursive, also its snapshots and clones (refused while it has
         any, otherwise, or while any of them is held or has clients). Returns what went."""
         with self.lock:
-            vol = self.volume(name)
+            vol = self.core.volume(name)
             doomed = self._with_clones(vol)
             gone: list[str] = []
             for v in doomed:
                 if v.inode.op not in (OP_NONE, OP_FLATTEN):
                     raise Refused(f"volume {v.name} is busy (rollback or delete); wait")
-                if self.connections.get(v.ino):
+                if self.core.connections.get(v.ino):
                     raise Refused(
-                        f"volume {v.name} has {self.connections[v.ino]} client connection(s); "
+                        f"volume {v.name} has {self.core.connections[v.ino]} client connection(s); "
                         "disconnect them first"
                     )
                 snaps = [self.pool.snapshots[s] for s in v.chain]
@@ -177,7 +154,7 @@ class VolumeManagement:
                 v.inode.incarnation += 1
                 self.pool.touch_inode(v.inode)
                 gone.append(v.name)
-            self._commit()
+            self.core.commit()
             inos = [v.ino for v in doomed]
 
         def left() -> int:
@@ -189,9 +166,11 @@ class VolumeManagement:
                     total += sum(v.shadows[s].inode.entry_count for s in v.chain)
             return total
 
-        self._run_steps(lambda: any(i in self.pool.volumes for i in inos), progress, left)
+        self.background.run_until_done(
+            lambda: any(i in self.pool.volumes for i in inos), progress, left
+        )
         with self.lock:
-            self._commit()
+            self.core.commit()
         return gone
 
     def _with_clones(self, vol: Volume) -> list[Volume]:
@@ -208,10 +187,9 @@ class VolumeManagement:
             parsed = parse_export(source)
             if parsed.snapshot is None:
                 raise InvalidArgument(f"clone from a snapshot: VOLUME@SNAPSHOT, not '{source}'")
-            vol = self.volume(parsed.volume)
-            rec = self.snapshot(parsed.snapshot)
-            if rec.id not in vol.shadows:
-                raise NotFound(f"snapshot '{rec.name}' does not cover volume {vol.name}")
+            vol = self.core.volume(parsed.volume)
+            rec = self.core.snapshot(parsed.snapshot)
+            self.core.require_covers(vol, rec)
             if rec.flags & SNAPF_WRITABLE:
                 raise Refused(
                     f"snapshot '{rec.name}' is writable, so a clone of it would change under "
@@ -220,21 +198,21 @@ class VolumeManagement:
             self._volume_name_free(name)
             size = vol.shadows[rec.id].inode.size
             new = self.pool.create_volume(name, size, origin=vol, origin_snap=rec.id)
-            self._commit()
+            self.core.commit()
             return self._volume_json(new)
 
     def flatten(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
         """Copy what a clone still reads from its origin into blocks of its own; afterwards it
         depends on nothing (its origin snapshot may be deleted). Runs online."""
         with self.lock:
-            vol = self.volume(name)
+            vol = self.core.volume(name)
             if vol.origin is None:
                 raise InvalidArgument(f"volume {name} is not a clone: nothing to flatten")
             if vol.inode.op == OP_NONE:
                 vol.inode.op = OP_FLATTEN
                 vol.inode.op_target = 0
                 self.pool.touch_inode(vol.inode)
-                self._commit()
+                self.core.commit()
             elif vol.inode.op != OP_FLATTEN:
                 raise Refused(f"volume {name} is busy (rollback or delete); wait")
             ino = vol.ino
@@ -248,10 +226,10 @@ class VolumeManagement:
             v = self.pool.volumes.get(ino)
             return max(0, total - v.inode.op_target) if v is not None else 0
 
-        self._run_steps(busy, progress, left)
+        self.background.run_until_done(busy, progress, left)
         with self.lock:
-            self._commit()
-            return self._volume_json(self.volume(name))
+            self.core.commit()
+            return self._volume_json(self.core.volume(name))
 
     def promote(self, name: str, progress: Progress | None = None) -> dict[str, Any]:
         """Make a clone stand on its own so its origin (snapshot and volume) can be deleted.
@@ -261,28 +239,3 @@ class VolumeManagement:
         clone shares with its origin cannot change hands while the origin still reads them:
         promote copies them, as flatten does, and then the origin is free to go."""
         return self.flatten(name, progress)
-
-    # --- snapshot properties ------------------------------------------------------------------
-
-    def set_writable(self, name: str, on: bool) -> None:
-        """Make snapshot name writable (its exports become read-write) or read-only again."""
-        with self.lock:
-            rec = self.snapshot(name)
-            vols = self.pool.covering(rec.id)
-            if on:
-                clones = [c.name for v in vols for c in self.pool.clones_of(v, rec.id)]
-                if clones:
-                    raise Refused(
-                        f"snapshot '{name}' has clones ({', '.join(clones)}), which read it; "
-                        "a writable snapshot would change under them"
-                    )
-                rec.flags |= SNAPF_WRITABLE
-            else:
-                rec.flags &= ~SNAPF_WRITABLE
-            for v in vols:
-                if on:
-                    v.writable.add(rec.id)
-                else:
-                    v.writable.discard(rec.id)
-            self.pool.touch_snapshot(rec)
-            self._commit()

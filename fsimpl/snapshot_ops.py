@@ -1,32 +1,28 @@
-"""Snapshot management: the operations snapctl offers, as part of the engine facade.
+"""Snapshot operations: create, rename, holds, delete, prune, rollback, diff, space, listing.
 
-`SnapshotManagement` is mixed into `Engine` (engine.py), which supplies the lock, the pool, the
-commit and the stepping machinery declared below. Every operation validates everything before it
-changes anything, so a refused command leaves the pool byte-identical; every change commits
-before it returns. Space figures come from the shadow maps and their counters, never from data.
+Every operation validates everything before it changes anything, so a refused command leaves the
+pool byte-identical; every change commits before it returns. Deletes and rollbacks are recorded
+and committed first, then run in bounded background steps (background.py). Space figures come
+from the shadow maps and their counters, never from data.
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import retention
 from . import snapshots as snapops
+from .background import BackgroundWork
+from .core import EngineCore, OperationModule, Progress
 from .errors import InvalidArgument, InvalidName, NameTaken, NotFound, Refused
 from .layout import (
-    FORMAT_VERSION,
     HOLD_TAG_MAX,
     MAX_HOLDS,
     OP_DELETE,
     OP_FLATTEN,
     OP_NONE,
     OP_ROLLBACK,
-    ROLE_NAMES,
     SNAP_ACTIVE,
     SNAP_DELETING,
     SNAPF_REPLICATION,
@@ -34,13 +30,7 @@ from .layout import (
     SnapshotRecord,
 )
 from .names import DEFAULT_VOLUME, check_name
-from .volume import Volume
 
-if TYPE_CHECKING:
-    from .device import Device
-    from .txn import Pool
-
-Progress = Callable[[int, int], None]
 DEFAULT_HOLD_TAG = "hold"
 
 
@@ -68,21 +58,10 @@ def check_tag(tag: str) -> str:
     return tag
 
 
-class SnapshotManagement:
-    if TYPE_CHECKING:
-        lock: threading.RLock
-        pool: Pool
-        device: Device
-        cow: str
-        connections: dict[int, int]
-        pins: dict[int, int]
-
-        def _commit(self) -> bool: ...
-        def _run_steps(
-            self, busy: Callable[[], bool], progress: Progress | None, left: Callable[[], int]
-        ) -> None: ...
-        def volume(self, name: str) -> Volume: ...
-        def snapshot(self, name: str) -> SnapshotRecord: ...
+class SnapshotOps(OperationModule):
+    def __init__(self, core: EngineCore, background: BackgroundWork) -> None:
+        super().__init__(core)
+        self.background = background
 
     # --- create, rename, holds ----------------------------------------------------------------
 
@@ -103,7 +82,7 @@ class SnapshotManagement:
         with self.lock:
             self._name_free(name)
             if volumes:
-                vols = [self.volume(v) for v in dict.fromkeys(volumes)]
+                vols = [self.core.volume(v) for v in dict.fromkeys(volumes)]
             else:
                 vols = sorted(
                     (v for v in self.pool.volumes.values() if v.inode.op != OP_DELETE),
@@ -112,61 +91,27 @@ class SnapshotManagement:
             for vol in vols:
                 if vol.inode.op not in (OP_NONE, OP_FLATTEN):
                     raise Refused(f"volume {vol.name} is being rolled back; try again after")
-            self._check_snapshot_room()
+            self.core.check_snapshot_room()
             flags = (SNAPF_WRITABLE if writable else 0) | (SNAPF_REPLICATION if replication else 0)
             rec = self.pool.create_snapshot(name, vols, flags)
             if writable:
                 for vol in vols:
                     vol.writable.add(rec.id)
-            self._commit()
+            self.core.commit()
             return self._info(rec)
-
-    def free_bytes(self) -> int:
-        """Space new data can still take: the pool's free blocks, and for an image file also
-        what the file system under it has left."""
-        pool = self.pool
-        free = pool.allocator.available * pool.block_size
-        if pool.sb.growable:
-            st = os.statvfs(os.path.dirname(os.path.abspath(self.device.path)) or ".")
-            free += st.f_bavail * st.f_frsize
-        return free
-
-    def _check_snapshot_room(self) -> None:
-        minimum = self.pool.sb.snapshot_min_free * self.pool.block_size
-        if minimum and self.free_bytes() < minimum:
-            raise Refused(
-                f"only {self.free_bytes()} bytes are free, below the {minimum} kept for new "
-                "snapshots (live writes go on): delete snapshots, or lower the minimum with "
-                "'snapctl tune snapshot-min-free=SIZE'"
-            )
-
-    def tune(self, snapshot_min_free: int | None = None) -> dict[str, int]:
-        """Pool settings: the free space below which new snapshots are refused."""
-        with self.lock:
-            if snapshot_min_free is not None:
-                if snapshot_min_free < 0:
-                    raise InvalidArgument("snapshot-min-free must not be negative")
-                bs = self.pool.block_size
-                self.pool.sb.snapshot_min_free = -(-snapshot_min_free // bs)
-                self.pool.sb_dirty = True
-                self._commit()
-            return {
-                "snapshot_min_free": self.pool.sb.snapshot_min_free * self.pool.block_size,
-                "free_bytes": self.free_bytes(),
-            }
 
     def rename_snapshot(self, old: str, new: str) -> None:
         with self.lock:
-            rec = self.snapshot(old)
+            rec = self.core.snapshot(old)
             self._name_free(new)
             rec.name = new
             self.pool.touch_snapshot(rec)
-            self._commit()
+            self.core.commit()
 
     def hold(self, name: str, tag: str = DEFAULT_HOLD_TAG) -> list[str]:
         """Protect a snapshot from delete, prune and rollback --destroy-newer."""
         with self.lock:
-            rec = self.snapshot(name)
+            rec = self.core.snapshot(name)
             check_tag(tag)
             if tag in rec.holds:
                 raise NameTaken(f"snapshot '{name}' already has a hold tagged '{tag}'")
@@ -177,24 +122,24 @@ class SnapshotManagement:
                 )
             rec.holds.append(tag)
             self.pool.touch_snapshot(rec)
-            self._commit()
+            self.core.commit()
             return list(rec.holds)
 
     def release(self, name: str, tag: str = DEFAULT_HOLD_TAG) -> list[str]:
         with self.lock:
-            rec = self.snapshot(name)
+            rec = self.core.snapshot(name)
             if tag not in rec.holds:
                 held = ", ".join(rec.holds) or "none"
                 raise NotFound(f"snapshot '{name}' has no hold tagged '{tag}' (holds: {held})")
             rec.holds.remove(tag)
             self.pool.touch_snapshot(rec)
-            self._commit()
+            self.core.commit()
             return list(rec.holds)
 
     # --- delete and prune ---------------------------------------------------------------------
 
     def _deletable(self, rec: SnapshotRecord) -> None:
-        if self.pins.get(rec.id):
+        if self.core.pins.get(rec.id):
             raise Refused(f"snapshot '{rec.name}' is being sent; try again when the send ends")
         for vol in self.pool.volumes.values():
             if vol.inode.op == OP_ROLLBACK and vol.inode.op_target == rec.id:
@@ -231,7 +176,7 @@ class SnapshotManagement:
             recs: list[SnapshotRecord] = []
             for name in dict.fromkeys(names):
                 try:
-                    rec = self.snapshot(name)
+                    rec = self.core.snapshot(name)
                 except NotFound:
                     if not if_exists:
                         raise
@@ -257,9 +202,9 @@ class SnapshotManagement:
                 return results
             for rec in recs:
                 self.pool.mark_deleting(rec)
-            self._commit()
+            self.core.commit()
         ids = [r.id for r in recs]
-        self._run_steps(
+        self.background.run_until_done(
             lambda: any(s in self.pool.snapshots for s in ids),
             progress,
             lambda: sum(
@@ -270,7 +215,7 @@ class SnapshotManagement:
             ),
         )
         with self.lock:
-            self._commit()
+            self.core.commit()
         return results
 
     def delete_snapshot(
@@ -342,10 +287,9 @@ class SnapshotManagement:
         force, after which their requests fail until they reconnect. Returns the names of the
         snapshots destroyed."""
         with self.lock:
-            rec = self.snapshot(name)
-            vol = self.volume(volume)
-            if rec.id not in vol.shadows:
-                raise NotFound(f"snapshot '{name}' does not cover volume {vol.name}")
+            rec = self.core.snapshot(name)
+            vol = self.core.volume(volume)
+            self.core.require_covers(vol, rec)
             if vol.inode.op != OP_NONE:
                 raise Refused(f"volume {vol.name} is already being rolled back; wait for it")
             newer = [
@@ -366,7 +310,7 @@ class SnapshotManagement:
                 )
             for r in newer:
                 self._deletable(r)  # a cloned one cannot go either
-            clients = self.connections.get(vol.ino, 0)
+            clients = self.core.connections.get(vol.ino, 0)
             if clients and not force:
                 raise Refused(
                     f"volume {vol.name} has {clients} client connection(s); disconnect them "
@@ -374,14 +318,14 @@ class SnapshotManagement:
                 )
             # One transaction marks the newer snapshots for deletion and the volume for
             # rollback: from here on it completes even across a crash, nothing can be created
-            # on the volume meanwhile, and live reads through the target (engine._view).
+            # on the volume meanwhile, and live reads through the target (exports._view).
             for r in newer:
                 self.pool.mark_deleting(r)
             vol.inode.op = OP_ROLLBACK
             vol.inode.op_target = rec.id
             vol.inode.incarnation += 1
             self.pool.touch_inode(vol.inode)
-            self._commit()
+            self.core.commit()
             ino, sid = vol.ino, rec.id
 
         def busy() -> bool:
@@ -393,9 +337,9 @@ class SnapshotManagement:
             newer_left = sum(v.shadows[s].inode.entry_count for s in v.chain if s > sid)
             return newer_left + v.shadows[sid].inode.entry_count
 
-        self._run_steps(busy, progress, left)
+        self.background.run_until_done(busy, progress, left)
         with self.lock:
-            self._commit()
+            self.core.commit()
         return [r.name for r in newer]
 
     # --- diff and space -----------------------------------------------------------------------
@@ -406,12 +350,12 @@ class SnapshotManagement:
         """Byte ranges (offset, length) that may differ between two snapshots (to: None =
         live), from the shadow maps alone."""
         with self.lock:
-            vol = self.volume(volume)
-            a = self.snapshot(from_name)
-            b = self.snapshot(to_name) if to_name else None
+            vol = self.core.volume(volume)
+            a = self.core.snapshot(from_name)
+            b = self.core.snapshot(to_name) if to_name else None
             for r in (a, b):
-                if r is not None and r.id not in vol.shadows:
-                    raise NotFound(f"snapshot '{r.name}' does not cover volume {vol.name}")
+                if r is not None:
+                    self.core.require_covers(vol, r)
             if b is not None and b.id < a.id:
                 raise InvalidArgument(f"'{from_name}' must be older than '{to_name}': swap them")
             if b is not None and b.id == a.id:
@@ -433,7 +377,7 @@ class SnapshotManagement:
     ) -> dict[str, Any]:
         """Space per snapshot and live; with a range FROM..TO, what deleting it all would free."""
         with self.lock:
-            vol = self.volume(volume)
+            vol = self.core.volume(volume)
             bs = self.pool.block_size
             active = [s for s in vol.chain if self.pool.snapshots[s].state == SNAP_ACTIVE]
             rows = [
@@ -451,8 +395,8 @@ class SnapshotManagement:
                 "snapshots_bytes": sum(vol.shadows[s].inode.owned_blocks for s in vol.chain) * bs,
             }
             if from_name is not None:
-                a = self.snapshot(from_name)
-                b = self.snapshot(to_name) if to_name else a
+                a = self.core.snapshot(from_name)
+                b = self.core.snapshot(to_name) if to_name else a
                 if b.id < a.id:
                     raise InvalidArgument(f"'{from_name}' must not be newer than '{to_name}'")
                 span = [s for s in active if a.id <= s <= b.id]
@@ -506,46 +450,27 @@ class SnapshotManagement:
             holds=list(rec.holds),
         )
 
-    def info(self) -> dict[str, object]:
+    # --- properties ---------------------------------------------------------------------------
+
+    def set_writable(self, name: str, on: bool) -> None:
+        """Make snapshot name writable (its exports become read-write) or read-only again."""
         with self.lock:
-            pool = self.pool
-            sb = pool.sb
-            bs = pool.block_size
-            active = [r for r in pool.snapshots.values() if r.state == SNAP_ACTIVE]
-            return {
-                "disk": self.device.path,
-                "format_version": FORMAT_VERSION,
-                "pool_guid": sb.pool_guid.hex(),
-                "block_size": bs,
-                "capacity_bytes": pool.allocator.capacity * bs,
-                "growable": sb.growable,
-                "used_bytes": pool.allocator.used_blocks * bs,
-                "free_bytes": pool.allocator.free_count * bs,
-                "host_allocated_bytes": self.device.allocated_bytes(),
-                "generation": sb.generation,
-                "volumes": [
-                    {
-                        "name": v.name,
-                        "size_bytes": v.inode.size,
-                        "allocated_bytes": v.inode.owned_blocks * bs,
-                        "snapshots": sum(
-                            1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE
-                        ),
-                        "connections": self.connections.get(v.ino, 0),
-                    }
-                    for v in sorted(pool.volumes.values(), key=lambda v: v.ino)
-                ],
-                "snapshot_count": len(active),
-                "newest_snapshot": max(active, key=lambda r: r.id).name if active else None,
-                "pending_deletes": len(pool.pending_deletes()),
-                "role": ROLE_NAMES.get(sb.role, str(sb.role)),
-                "peer": sb.peer or None,
-                "last_common": next(
-                    (r.name for r in active if r.guid == sb.last_common_guid), None
-                ),
-                "superseded": bool(sb.superseded),
-                "cow": self.cow,
-                "snapshot_min_free": sb.snapshot_min_free * bs,
-                "server_pid": sb.inuse_pid,
-                "time": time.time(),
-            }
+            rec = self.core.snapshot(name)
+            vols = self.pool.covering(rec.id)
+            if on:
+                clones = [c.name for v in vols for c in self.pool.clones_of(v, rec.id)]
+                if clones:
+                    raise Refused(
+                        f"snapshot '{name}' has clones ({', '.join(clones)}), which read it; "
+                        "a writable snapshot would change under them"
+                    )
+                rec.flags |= SNAPF_WRITABLE
+            else:
+                rec.flags &= ~SNAPF_WRITABLE
+            for v in vols:
+                if on:
+                    v.writable.add(rec.id)
+                else:
+                    v.writable.discard(rec.id)
+            self.pool.touch_snapshot(rec)
+            self.core.commit()

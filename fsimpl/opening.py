@@ -1,0 +1,163 @@
+"""Opening and formatting a pool: the one place a disk becomes a `Pool`, or a `Pool` is made.
+
+Both take the disk's exclusive lock first (two servers never open one disk), translate the
+operating system's errors into engine errors that say what to do, and leave nothing behind on
+failure: a device they opened is closed, an image file they created is removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .device import Device
+from .errors import DittoError, InvalidArgument, NotFound, PoolBusy, Refused
+from .layout import SUPERBLOCK_OFFSETS, check_block_size
+from .probe import detect_signature
+from .rundir import pid_alive
+from .txn import Pool, read_superblock, refuse_if_in_use
+
+log = logging.getLogger("dittofs")
+
+MAX_EXPORT_SIZE = (1 << 63) - 1  # NBD sizes are signed 64-bit
+
+
+def open_pool(
+    path: str,
+    *,
+    create_size: int | None,
+    block_size: int,
+    cache_bytes: int,
+    checksums: bool,
+) -> tuple[Device, Pool]:
+    """The pool on path, exclusively; with create_size and a missing path, a new image file."""
+    if create_size is not None and not os.path.exists(path):
+        check_size(create_size)
+        _check_block_size(block_size, f"block-size={block_size}: ")
+        device = _device(path, create=True)
+        try:
+            device.lock()
+            return device, Pool.format(
+                device, block_size, create_size, True, cache_bytes, checksums
+            )
+        except BaseException:
+            device.close()
+            os.unlink(path)
+            raise
+    device = _device(path, create=False)
+    try:
+        lock(device)
+        pool = Pool.open(device, cache_bytes)
+        refuse_if_in_use(pool.sb, path, "stop it first")
+        for slot, problem in pool.superblock_problems:
+            log.warning(
+                "%s: superblock slot %d (byte %d, type superblock) is unusable: %s; the "
+                "other slot serves; run 'snapctl check' (--repair rewrites it)",
+                path,
+                slot,
+                SUPERBLOCK_OFFSETS[slot],
+                problem,
+            )
+        return device, pool
+    except BaseException:
+        device.close()
+        raise
+
+
+def format_disk(
+    path: str,
+    size: int | None,
+    block_size: int,
+    force: bool,
+    checksums: bool,
+) -> dict[str, object]:
+    """Make a pool on path: a new image file (size required), an existing file, or a block
+    device (live defaults to the device's size; thin either way). Refuses a disk that holds
+    a file system, a partition table or a pool unless force."""
+    if size is not None:
+        check_size(size)
+    _check_block_size(block_size, "")
+    created = not os.path.exists(path)
+    if created and size is None:
+        raise InvalidArgument(f"{path} does not exist: give --size to create an image file there")
+    device = _device(path, create=created)
+    try:
+        lock(device)
+        found = None if created else detect_signature(device)
+        if found and not force:
+            raise Refused(
+                f"{path} holds {found}; formatting would destroy it. Add --force if "
+                "that is what you want"
+            )
+        if size is None:
+            size = device.size()
+            if size <= 0:
+                raise InvalidArgument(f"{path} is empty: give --size for the live volume")
+        pool = Pool.format(
+            device, block_size, size, not device.is_block_device, checksums=checksums
+        )
+        return {
+            "disk": path,
+            "block_size": block_size,
+            "live_size": size,
+            "capacity_bytes": pool.allocator.capacity * block_size,
+            "growable": pool.sb.growable,
+            "checksums": checksums,
+            "pool_guid": pool.sb.pool_guid.hex(),
+        }
+    except BaseException:
+        device.close()
+        if created:
+            os.unlink(path)
+        raise
+    finally:
+        device.close()
+
+
+def _device(path: str, create: bool) -> Device:
+    """Open (or create) the disk, with the operating system's errors said as engine errors."""
+    try:
+        return Device.create_image(path) if create else Device(path)
+    except FileNotFoundError:
+        if create:
+            raise NotFound(f"cannot create {path}: its directory does not exist") from None
+        raise NotFound(
+            f"{path} does not exist; give size=SIZE to create an image file there"
+        ) from None
+    except OSError as e:
+        verb = "create" if create else "open"
+        raise DittoError(f"cannot {verb} {path}: {e.strerror}") from None
+
+
+def _check_block_size(block_size: int, prefix: str) -> None:
+    try:
+        check_block_size(block_size)
+    except ValueError as e:
+        raise InvalidArgument(f"{prefix}{e}") from None
+
+
+def check_size(size: int) -> None:
+    if size <= 0:
+        raise InvalidArgument(f"size {size}: the live volume needs a size > 0")
+    if size > MAX_EXPORT_SIZE:
+        raise InvalidArgument(
+            f"size {size} is larger than NBD can export ({MAX_EXPORT_SIZE} bytes)"
+        )
+
+
+def lock(device: Device) -> None:
+    """Take the disk's lock; when it is held, name the holder from the pool's in-use record
+    (the lock itself may carry the PID of a parent that forked the server and exited)."""
+    try:
+        device.lock()
+    except PoolBusy as e:
+        try:
+            pid = read_superblock(device).inuse_pid
+        except DittoError:
+            raise e from None
+        if pid and pid_alive(pid):
+            raise PoolBusy(
+                f"{device.path} is in use by process {pid}; stop that server (or use "
+                "'snapctl -d DISK ...', which talks to it) instead of opening the pool twice"
+            ) from None
+        raise

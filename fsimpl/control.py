@@ -172,7 +172,7 @@ class ControlServer:
         except DittoError as e:
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(e)})
         except Exception as e:  # a bug: report it instead of killing the connection silently
-            self.log(f"control: internal error: {e!r}")
+            self.log(f"error: control: internal error: {e!r}")
             err = DittoError(f"internal error in the server: {e!r}")
             _send(f, {"v": PROTOCOL_VERSION, "id": rid, "ok": False, "error": error_json(err)})
 

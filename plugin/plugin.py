@@ -13,6 +13,7 @@ log. Nothing here decides anything: the engine does.
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import sys
 import threading
@@ -55,6 +56,18 @@ _ticker: threading.Thread | None = None
 
 def _log(msg: str) -> None:
     print(f"nbdkit: dittofs: {msg}", file=sys.stderr, flush=True)
+
+
+class _EngineLog(logging.Handler):
+    """The engine's warnings and errors, in nbdkit's log as `nbdkit: dittofs: LEVEL: ...`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _log(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
+_engine_log = logging.getLogger("dittofs")
+_engine_log.addHandler(_EngineLog(logging.WARNING))
+_engine_log.propagate = False
 
 
 def _fail(e: DittoError) -> None:
@@ -131,7 +144,7 @@ def _tick_loop() -> None:
         try:
             more = _engine.tick() if _engine else False
         except Exception as e:  # noqa: BLE001 - the ticker must outlive any one failure
-            _log(f"background work failed: {e}")
+            _log(f"error: background work failed: {e}")
             more = False
         _stop.wait(0.001 if more else 1.0)
 

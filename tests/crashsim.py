@@ -1,8 +1,8 @@
-"""Power-cut simulation: record the engine's I/O, then rebuild the disk as a power cut leaves it.
+"""Power-cut simulation: rebuild the disk as a power cut leaves it, from a record of its I/O.
 
-`RecordingDevice` is a `Device` that performs every operation on the real file and also logs,
-in order, each write (pwrite and pwritev, as offset + bytes), sync, discard and truncate. Each
-logged sync is a *flush point*: it completed, so everything issued before it is durable.
+The record is support.iolog's: a `RecordingDevice` logs, in order, each write (pwrite and
+pwritev, as offset + bytes), sync, discard and truncate it performed. Each logged sync is a
+*flush point*: it completed, so everything issued before it is durable.
 
 `Replayer` rebuilds images from the log, starting from the image as it was when recording
 began. A `CrashPlan` names flush point k (k completed syncs: every operation before the k-th
@@ -22,8 +22,9 @@ import os
 import random
 from dataclasses import dataclass, field
 
-from fsimpl.device import Device
-from fsimpl.layout import SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE
+from support.iolog import Op
+
+from fsimpl.layout import SUPERBLOCK_SIZE
 
 SECTOR = 512
 PAGE = 4096
@@ -32,86 +33,6 @@ SUPERBLOCK_TEAR = 64  # superblock writes are also torn inside a sector
 # A write torn into pieces: the (start, end) ranges of its bytes, relative to its offset, that
 # reached the disk. None: the whole write did.
 Ranges = list[tuple[int, int]] | None
-
-
-@dataclass(slots=True)
-class Op:
-    kind: str  # "write" | "sync" | "discard" | "truncate"
-    offset: int = 0
-    data: bytes = b""
-    length: int = 0  # discard: bytes; truncate: the new size
-    tag: int = 0  # the harness's model state when the operation was issued
-    call: int = 0  # the harness call that issued it
-
-    @property
-    def is_superblock(self) -> bool:
-        return (
-            self.kind == "write"
-            and self.offset in SUPERBLOCK_OFFSETS
-            and len(self.data) == SUPERBLOCK_SIZE
-        )
-
-    def __repr__(self) -> str:
-        if self.kind == "write":
-            what = "superblock" if self.is_superblock else "write"
-            return f"{what}@{self.offset}+{len(self.data)}"
-        if self.kind == "discard":
-            return f"discard@{self.offset}+{self.length}"
-        if self.kind == "truncate":
-            return f"truncate({self.length})"
-        return "sync"
-
-
-class RecordingDevice(Device):
-    """A Device that logs every write, sync, discard and truncate it performs, in order."""
-
-    def __init__(self, path: str, readonly: bool = False) -> None:
-        super().__init__(path, readonly)
-        self.ops: list[Op] = []
-        self.recording = False
-        self.base = b""
-        self.tag = 0
-        self.call = 0
-        self._in_pwritev = False
-
-    def start_recording(self) -> None:
-        """From now on log everything; `base` is the image as it is at this moment."""
-        with open(self.path, "rb") as f:
-            self.base = f.read()
-        self.ops = []
-        self.recording = True
-
-    def _log(self, op: Op) -> None:
-        if self.recording:
-            op.tag = self.tag
-            op.call = self.call
-            self.ops.append(op)
-
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        super().pwrite(data, offset)
-        if not self._in_pwritev:
-            self._log(Op("write", offset, bytes(data)))
-
-    def pwritev(self, parts: list[memoryview], offset: int) -> None:
-        self._in_pwritev = True  # a short pwritev finishes through pwrite: log it once
-        try:
-            super().pwritev(parts, offset)
-        finally:
-            self._in_pwritev = False
-        self._log(Op("write", offset, b"".join(parts)))
-
-    def sync(self) -> None:
-        super().sync()
-        self._log(Op("sync"))  # logged once it returned: a completed flush point
-
-    def discard(self, offset: int, length: int) -> None:
-        super().discard(offset, length)
-        if not self.readonly and length > 0:
-            self._log(Op("discard", offset, length=length))
-
-    def truncate(self, size: int) -> None:
-        super().truncate(size)
-        self._log(Op("truncate", length=size))
 
 
 # --- crash plans ---------------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import time
 from pathlib import Path
 
 import nbd
+from support.logcheck import register_server_log
+from support.snapctl import REPO, SNAPCTL, snapctl
 
-REPO = Path(__file__).resolve().parent.parent
 PLUGIN = REPO / "plugin" / "plugin.py"
-SNAPCTL = REPO / ".venv" / "bin" / "snapctl"
+__all__ = ["PLUGIN", "REPO", "SNAPCTL", "NbdkitServer", "free_port", "require", "run_snapctl"]
 
 
 def require(tool: str) -> str:
@@ -90,6 +91,7 @@ class NbdkitServer:
         for p in (self.sock,):
             if p.exists():
                 p.unlink()
+        register_server_log(self.logfile)  # the engine-log watch reads it (support.logcheck)
         with open(self.logfile, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -156,18 +158,7 @@ class NbdkitServer:
 
     def snapctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run snapctl against this server's disk (it finds the server by its run state)."""
-        cp = subprocess.run(
-            [str(SNAPCTL), "-d", str(self.disk), *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if check and cp.returncode != 0:
-            raise AssertionError(
-                f"snapctl {' '.join(args)} failed ({cp.returncode}):\n{cp.stdout}{cp.stderr}"
-            )
-        return cp
+        return snapctl(*args, disk=self.disk, env=self.env, check=check)
 
 
 def _can_connect(path: Path) -> bool:
@@ -192,6 +183,4 @@ def _can_connect_tcp(port: int) -> bool:
 def run_snapctl(
     disk: Path, *args: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SNAPCTL), "-d", str(disk), *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return snapctl(*args, disk=disk, env=env)

@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from harness import SNAPCTL, NbdkitServer, require
+from harness import NbdkitServer, require
+from support.snapctl import shown, snapctl
 
 SUBNET = "10.77.0"
 PORT = 10810
@@ -95,10 +96,13 @@ class Host:
         self, *args: str, check: bool = True, **kw: object
     ) -> subprocess.CompletedProcess[str]:
         """snapctl -d DISK ARGS inside the namespace (it reaches the server by its run state)."""
-        return self.run(str(SNAPCTL), "-d", str(self.disk), *args, check=check, **kw)
+        cp = snapctl(*args, disk=self.disk, env=self.env, prefix=tuple(self.exec_args()), **kw)  # type: ignore[arg-type]
+        if check and cp.returncode != 0:
+            raise AssertionError(f"[{self.label}] {shown(cp)}")
+        return cp
 
     def format(self, size: str) -> None:
-        self.run(str(SNAPCTL), "format", str(self.disk), "--size", size)
+        self.snapctl("format", str(self.disk), "--size", size)
 
     def start(self) -> NsServer:
         return self.server.start()

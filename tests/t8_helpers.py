@@ -44,14 +44,6 @@ _SECTOR_HEAD = struct.Struct("<8sIIQI")  # magic, client, slot, seq, sector inde
 _MAGIC = b"DTFSTEST"
 
 
-def sha256(path: Path | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # --- self-describing data --------------------------------------------------------------------
 
 

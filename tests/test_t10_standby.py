@@ -50,6 +50,9 @@ import pytest
 from harness import SNAPCTL, NbdkitServer
 from kernel import KernelExport, require_kernel_tools, run, tool
 from netns import Host, TwoHosts
+from support.logcheck import READ_ONLY_REQUEST
+from support.snapctl import shown as show
+from support.snapctl import snapctl
 
 from fsimpl.layout import (
     DATA_HEAD,
@@ -98,10 +101,6 @@ class Transcript:
         return "\n".join(self.lines) + "\n"
 
 
-def show(cp: subprocess.CompletedProcess[str]) -> str:
-    return f"{' '.join(map(str, cp.args))} -> {cp.returncode}\n{cp.stdout}{cp.stderr}"
-
-
 def sc(
     h: Host, *args: str, rc: int = 0, log: Transcript | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -143,10 +142,7 @@ def boot(h: Host, key: Path, log: Transcript | None = None, size: str = VOL) -> 
 
 def format_pool(disk: Path, size: str = VOL) -> None:
     """A pool in the root namespace (a scratch pool, or one side of a stream-file test)."""
-    cp = subprocess.run(
-        [str(SNAPCTL), "format", str(disk), "--size", size], capture_output=True, text=True
-    )
-    assert cp.returncode == 0, show(cp)
+    snapctl("format", str(disk), "--size", size, check=True)
 
 
 def role(h: Host) -> dict[str, Any]:
@@ -417,6 +413,7 @@ def key(tmp_path: Path) -> Path:
 # === the whole cycle: FIG. 15A -> kill -9 -> 15B -> 15C -> 15D ====================================
 
 
+@pytest.mark.engine_log(READ_ONLY_REQUEST)
 @pytest.mark.slow
 def test_failover_and_failback_cycle(
     net: TwoHosts, key: Path, tmp_path: Path, servers: Any, capsys: pytest.CaptureFixture[str]
@@ -834,6 +831,7 @@ def pool_state(h: Host) -> dict[str, Any]:
     }
 
 
+@pytest.mark.engine_log(READ_ONLY_REQUEST)
 def test_wrong_key_is_refused(net: TwoHosts, key: Path, tmp_path: Path) -> None:
     a, b = net.a, net.b
     K = ("--key-file", str(key))

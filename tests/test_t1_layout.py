@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
+from support.faults import SUPERBLOCK_WRITE, FaultyDevice, PowerCut
+from support.logcheck import COMMIT_FAILED, SLOT_UNUSABLE
 
 from fsimpl import layout as L
 from fsimpl.device import Device
@@ -549,6 +551,7 @@ def test_unknown_feature_bits_on_disk_refuse_to_open(tmp_path: Path) -> None:
         Engine.open(str(path))
 
 
+@pytest.mark.engine_log(SLOT_UNUSABLE)
 def test_corrupt_newest_superblock_falls_back_to_other_slot(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     eng = make_engine(path)  # claims the pool: gen N has our PID
@@ -574,32 +577,11 @@ def test_corrupt_newest_superblock_falls_back_to_other_slot(tmp_path: Path) -> N
     eng.close()
 
 
-class SimulatedCrash(Exception):
-    pass
-
-
-class TearingDevice(Device):
-    """A device that, once armed, tears the next superblock write (only its first 24 bytes,
-    the new checksum, magic, version, features and half the generation, reach the disk; the
-    rest of the slot still holds the superblock two generations back) and then 'loses power' by
-    raising SimulatedCrash."""
-
-    armed = False
-    torn = 0
-
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        if self.armed and offset in L.SUPERBLOCK_OFFSETS and len(data) == L.SUPERBLOCK_SIZE:
-            self.armed = False
-            self.torn += 1
-            super().pwrite(bytes(data)[:24], offset)
-            raise SimulatedCrash(f"power cut while writing the superblock at {offset}")
-        super().pwrite(data, offset)
-
-
+@pytest.mark.engine_log(COMMIT_FAILED, SLOT_UNUSABLE)
 def test_torn_superblock_write_opens_at_previous_generation(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     make_engine(path, size=8 << 20).close()
-    dev = TearingDevice(str(path))
+    dev = FaultyDevice(str(path))
     dev.lock()
     eng = Engine(dev, Pool.open(dev), "move", DEFAULT_CACHE_BYTES)
     ex = eng.open_export("live", False)
@@ -613,10 +595,13 @@ def test_torn_superblock_write_opens_at_previous_generation(tmp_path: Path) -> N
     b = os.urandom(4 * BS)
     eng.write(ex, memoryview(b), 40 * BS)
     eng.trim(ex, BS, BS)
-    dev.armed = True
-    with pytest.raises(SimulatedCrash):
+    # only its first 24 bytes (the new checksum, magic, version, features and half the
+    # generation) reach the disk; the rest of the slot still holds the superblock two
+    # generations back; then the power goes
+    dev.fail("write", where=SUPERBLOCK_WRITE, torn=24, error=PowerCut)
+    with pytest.raises(PowerCut):
         eng.flush()
-    assert dev.torn == 1
+    assert dev.failures == 1
     # the engine fell back to what is durable
     assert eng.pool.sb.generation == gen_a
     # the connection that wrote the lost changes is told so on every request...
@@ -665,6 +650,7 @@ def test_both_superblocks_corrupt_is_an_error_not_a_guess(tmp_path: Path) -> Non
     assert ei.value.address == 0
 
 
+@pytest.mark.engine_log(SLOT_UNUSABLE)
 def test_older_slot_corrupt_is_harmless(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     eng = make_engine(path)

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.data import pattern
 
 from fsimpl import layout as L
 from fsimpl.allocator import Allocator
@@ -66,7 +67,7 @@ def read_bytes(eng: Engine, ex: Export, off: int, n: int) -> bytes:
 
 def blk(tag: int) -> bytes:
     """A recognisable block: its tag in every 8 bytes."""
-    return tag.to_bytes(8, "little") * (BS // 8)
+    return pattern(tag, BS)
 
 
 def open_pool(tmp_path: Path, size: int = 4 << 20, **kw: object) -> Engine:

@@ -11,9 +11,10 @@ import random
 from pathlib import Path
 
 import pytest
+from support.data import pattern
+from support.faults import FaultyDevice
 
 from fsimpl import layout as L
-from fsimpl.device import Device
 from fsimpl.engine import Engine, Export
 from fsimpl.errors import DittoError, ExportGone, NotFound, OutOfRange, ReadOnlyExport, Refused
 from fsimpl.txn import DEFAULT_CACHE_BYTES, Pool
@@ -43,7 +44,7 @@ def read_bytes(eng: Engine, ex: Export, off: int, n: int) -> bytes:
 
 
 def blk(tag: int) -> bytes:
-    return tag.to_bytes(8, "little") * (BS // 8)
+    return pattern(tag, BS)
 
 
 def data_addrs(eng: Engine) -> dict[int, str]:
@@ -810,22 +811,10 @@ def test_live_read_during_a_stepped_rollback_is_never_a_mix(
 # --- device errors ------------------------------------------------------------------------------
 
 
-class FailingDevice(Device):
-    """Fails the next pwrite once armed (an EIO from the disk), then behaves."""
-
-    armed = False
-
-    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        if self.armed:
-            self.armed = False
-            raise DittoError(f"injected I/O error writing at offset {offset}")
-        super().pwrite(data, offset)
-
-
-def _engine_on_failing_device(tmp_path: Path, cow: str) -> tuple[Engine, FailingDevice]:
+def _engine_on_failing_device(tmp_path: Path, cow: str) -> tuple[Engine, FaultyDevice]:
     path = tmp_path / "pool.img"
     open_pool(tmp_path).close()
-    dev = FailingDevice(str(path))
+    dev = FaultyDevice(str(path))
     dev.lock()
     return Engine(dev, Pool.open(dev), cow, DEFAULT_CACHE_BYTES), dev
 
@@ -839,9 +828,10 @@ def test_failed_partial_write_leaves_the_rest_of_the_block_alone(tmp_path: Path,
     ex = eng.open_export("live", False)
     eng.write(ex, memoryview(blk(1)), 0)
     eng.create_snapshot("s1")
-    dev.armed = True
+    dev.fail("write")  # the next write: an EIO from the disk
     with pytest.raises(DittoError):
         eng.write(ex, memoryview(b"X"), 5)
+    assert dev.failures == 1
     got = read_bytes(eng, ex, 0, BS)
     want = blk(1)
     assert read_bytes(eng, eng.open_export("live@s1", True), 0, BS) == want

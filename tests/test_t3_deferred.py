@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from harness import NbdkitServer
+from support.data import ramp
 from test_t3_model import assert_checker_clean
 
 from fsimpl.engine import MERGE_IDLE, Engine
@@ -24,7 +25,7 @@ SIZE = 64 * BS
 
 
 def pattern(tag: int, n: int = BS) -> bytes:
-    return bytes((tag * 31 + i) & 0xFF for i in range(n))
+    return ramp(tag, n)
 
 
 class Pool:

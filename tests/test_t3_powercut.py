@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from crashsim import CrashPlan, Op, RecordingDevice, Replayer, write_image
+from crashsim import CrashPlan, Replayer, write_image
 from model import Model
+from support.iolog import Op, RecordingDevice
 
 from fsimpl.checker import CheckReport, check
 from fsimpl.device import Device

@@ -3,7 +3,6 @@ is wrong (and, where there is one, what to do), and leaves the disk exactly as i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -13,19 +12,13 @@ from pathlib import Path
 import nbd
 import pytest
 from harness import NbdkitServer, require, run_snapctl
+from support.data import sha256_file as sha256
+from support.logcheck import IN_USE, NO_SUCH_SNAPSHOT, NO_SUCH_VOLUME, NOT_A_POOL, POOL_SPANS_MORE
 
 from fsimpl.device import Device
 from fsimpl.txn import read_superblock
 
 SIZE = 4 << 20
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def refuses_to_start(srv: NbdkitServer) -> str:
@@ -75,12 +68,14 @@ def check_not_a_pool(servers, disk: Path) -> None:
     assert disk.stat().st_size == size
 
 
+@pytest.mark.engine_log(NOT_A_POOL)
 def test_random_bytes_are_not_a_pool(servers, tmp_path: Path) -> None:
     disk = tmp_path / "random.img"
     disk.write_bytes(random.Random(7).randbytes(SIZE))
     check_not_a_pool(servers, disk)
 
 
+@pytest.mark.engine_log(NOT_A_POOL)
 def test_ext4_image_is_not_a_pool_and_format_refuses_it(servers, tmp_path: Path) -> None:
     disk = tmp_path / "ext4.img"
     with open(disk, "wb") as f:
@@ -106,6 +101,7 @@ def test_ext4_image_is_not_a_pool_and_format_refuses_it(servers, tmp_path: Path)
     assert srv.connect("live").get_size() == 16 << 20
 
 
+@pytest.mark.engine_log(POOL_SPANS_MORE)
 def test_truncated_image_is_refused(servers, tmp_path: Path) -> None:
     srv = servers(size="64M").start()
     h = srv.connect("live")
@@ -137,6 +133,14 @@ def test_truncated_image_is_refused(servers, tmp_path: Path) -> None:
 # --- bad export names ------------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(
+    r"names nothing yet",
+    r"name must not be empty",
+    r"invalid (snapshot|volume) name",
+    NO_SUCH_SNAPSHOT,
+    NO_SUCH_VOLUME,
+    r"characters long; the limit is",
+)
 def test_bad_export_names(servers) -> None:
     srv = servers(size=str(SIZE)).start()
     keep = srv.connect("live")
@@ -255,6 +259,7 @@ def test_bad_snapshot_names_direct_mode(servers) -> None:
 # --- one server per disk ---------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(IN_USE)
 def test_second_server_on_same_disk(servers, tmp_path: Path) -> None:
     first = servers(size=str(SIZE)).start()
     h = first.connect("live")
@@ -296,6 +301,7 @@ def test_second_server_on_same_disk(servers, tmp_path: Path) -> None:
 # --- creating a new image --------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(r"does not exist; give size=SIZE", r"needs a size > 0")
 def test_size_zero_and_missing_disk(servers, tmp_path: Path) -> None:
     disk = tmp_path / "new.img"
     log = refuses_to_start(servers(disk=disk, size="0"))

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import nbd
 import pytest
 from harness import NbdkitServer, require
+from support.logcheck import NO_SUCH_SNAPSHOT, READ_ONLY_REQUEST, SNAPSHOT_GONE
 
 BS = 64 * 1024  # the default block size (asserted in test_nbdinfo_lists_exports)
 SIZE = 4 << 20  # 64 blocks: small enough to compare every export whole, every time
@@ -253,6 +254,7 @@ def check_readonly(srv: NbdkitServer, model: dict[str, bytearray], latest: str, 
     verify(srv, model, latest, f"{why}: after rejected writes")
 
 
+@pytest.mark.engine_log(SNAPSHOT_GONE, READ_ONLY_REQUEST, NO_SUCH_SNAPSHOT)
 def test_generations_snapshots_restart_and_crash(servers, cow: str) -> None:
     rng = random.Random(f"lifecycle-{cow}")
     srv = servers(size=str(SIZE), cow=cow).start()

@@ -23,6 +23,7 @@ from pathlib import Path
 import nbd
 import pytest
 from harness import NbdkitServer, require, run_snapctl
+from support.logcheck import NO_SUCH_SNAPSHOT, NO_SUCH_VOLUME
 
 from fsimpl.checker import check
 from fsimpl.client import SocketClient
@@ -165,6 +166,7 @@ def start(servers, cow: str = "move", threads: str = "serialize") -> NbdkitServe
 # --- isolation and listing -------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(NO_SUCH_SNAPSHOT, NO_SUCH_VOLUME, r"snapshot '[^']*' does not cover volume")
 def test_volumes_are_isolated_and_listed(servers) -> None:  # noqa: ANN001
     srv = start(servers)
     srv.snapctl("volume", "create", "a", "--size", "512K")
@@ -339,6 +341,7 @@ def test_group_snapshot_is_one_point_in_time(servers, threads: str) -> None:  # 
 # --- writable snapshots ----------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(r"export live@s2 is read-only \(a snapshot")
 @pytest.mark.parametrize("cow", ["move", "copy"])
 def test_writable_snapshot_is_exported_read_write(servers, cow: str) -> None:  # noqa: ANN001
     srv = start(servers, cow)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import nbd
 from harness import SNAPCTL
+from support.snapctl import snapctl
 
 from fsimpl.checker import check
 from fsimpl.device import Device
@@ -22,12 +23,7 @@ from fsimpl.device import Device
 def test_serve_stops_with_an_idle_client_and_keeps_its_writes(servers, tmp_path: Path) -> None:  # noqa: ANN001
     env = {**os.environ, "DITTOFS_RUNDIR": str(tmp_path / "run")}
     disk, sock = tmp_path / "pool.img", tmp_path / "nbd.sock"
-    subprocess.run(
-        [str(SNAPCTL), "format", str(disk), "--size", "64M"],
-        check=True,
-        env=env,
-        capture_output=True,
-    )
+    snapctl("format", str(disk), "--size", "64M", env=env, check=True)
     sup = subprocess.Popen(
         [str(SNAPCTL), "serve", str(disk), "--socket", str(sock)],
         env=env,

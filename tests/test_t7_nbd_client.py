@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 import vm
 from harness import SNAPCTL, NbdkitServer, free_port
+from support.snapctl import snapctl
 
 pytestmark = pytest.mark.slow
 
@@ -591,12 +592,7 @@ def test_live_latest_follows_new_snapshot_after_reconnect(
     env = served(disk, port)
 
     def snapshot(name: str) -> str:
-        cp = subprocess.run(
-            [str(SNAPCTL), "-d", str(disk), "create", name],
-            env=env, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert cp.returncode == 0, f"snapctl create {name}: {cp.stdout}{cp.stderr}"
-        return cp.stdout.strip()
+        return snapctl("create", name, disk=disk, env=env, check=True).stdout.strip()
 
     res = boot(image, tmp_path, LATEST_SCRIPT, port, {"snapshot": snapshot})
     res.check(["s1", "latest-is-s1", "s2", "connection-keeps-s1", "latest-is-s2", "detached"])

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import pytest
 from harness import NbdkitServer, require, run_snapctl
+from support.data import sha256_file as sha256
+from support.logcheck import COMMIT_FAILED, IN_USE, POOL_SPANS_MORE
 from t8_helpers import (
     LoopDevices,
     RawControl,
     close_quietly,
     newest_slot,
-    sha256,
     write_slot,
 )
 
@@ -81,6 +82,7 @@ def quiesce(srv: NbdkitServer) -> None:
 # --- format versions -------------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(r"format version \d+ is not supported", r"features 0x[0-9a-f]+ unknown")
 @pytest.mark.parametrize("field", ["version", "features"])
 def test_newer_format_is_refused(servers, field: str) -> None:
     srv = served_pool(servers)
@@ -108,6 +110,7 @@ def test_newer_format_is_refused(servers, field: str) -> None:
 # --- a disk smaller than its pool ------------------------------------------------------------
 
 
+@pytest.mark.engine_log(POOL_SPANS_MORE)
 def test_image_smaller_than_its_superblock_says(servers) -> None:
     srv = served_pool(servers)
     slot, sb = newest_slot(srv.disk)
@@ -127,6 +130,7 @@ def test_image_smaller_than_its_superblock_says(servers) -> None:
     assert sha256(srv.disk) == before and srv.disk.stat().st_size == have
 
 
+@pytest.mark.engine_log(POOL_SPANS_MORE)
 def test_device_smaller_than_its_pool(servers, loops: LoopDevices, tmp_path: Path) -> None:
     image = tmp_path / "dev.img"
     with open(image, "wb") as f:
@@ -149,6 +153,7 @@ def test_device_smaller_than_its_pool(servers, loops: LoopDevices, tmp_path: Pat
 # --- read-only disks ---------------------------------------------------------------------------
 
 
+@pytest.mark.engine_log(COMMIT_FAILED)
 def test_read_only_loop_device(servers, loops: LoopDevices) -> None:
     srv = served_pool(servers)
     before = sha256(srv.disk)
@@ -167,6 +172,7 @@ def test_read_only_loop_device(servers, loops: LoopDevices) -> None:
     assert sha256(srv.disk) == before
 
 
+@pytest.mark.engine_log(r"cannot open .*: Operation not permitted")
 def test_immutable_image_file(servers) -> None:
     srv = served_pool(servers)
     before = sha256(srv.disk)
@@ -373,6 +379,7 @@ def test_bad_snapshot_names_on_the_control_socket(servers) -> None:
 # --- the same pool through a second path -------------------------------------------------------
 
 
+@pytest.mark.engine_log(IN_USE)
 def test_same_pool_through_a_second_loop_device(servers, loops: LoopDevices) -> None:
     srv = served_pool(servers)
     first = loops.attach(srv.disk)

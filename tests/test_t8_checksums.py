@@ -53,6 +53,7 @@ def _address_of(disk: Path, block: int, snapshot: str | None = None) -> int:
         dev.close()
 
 
+@pytest.mark.engine_log(r"data block \d+ failed its checksum")
 def test_a_damaged_block_is_an_error_and_scrub_names_it(servers, tmp_path: Path) -> None:  # noqa: ANN001
     disk = tmp_path / "pool.img"
     srv = servers(disk, size="16M", params={"checksum": "on"}).start()

@@ -30,6 +30,8 @@ from pathlib import Path
 import nbd
 import pytest
 from harness import NbdkitServer, run_snapctl
+from support.data import sha256_file as sha256
+from support.logcheck import BAD_METADATA, SLOT_UNUSABLE
 from t8_helpers import (
     MetaBlock,
     close_quietly,
@@ -37,7 +39,6 @@ from t8_helpers import (
     metadata_blocks,
     nbd_errno,
     newest_slot,
-    sha256,
 )
 
 from fsimpl.layout import (
@@ -236,6 +237,7 @@ def snapctl_check(srv: NbdkitServer, *args: str) -> subprocess.CompletedProcess[
     return run_snapctl(srv.disk, "check", *args, env=srv.env)
 
 
+@pytest.mark.engine_log(BAD_METADATA, SLOT_UNUSABLE)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Case) -> None:
     image = tmp_path / "pool.img"
@@ -332,6 +334,7 @@ def test_bad_superblock_slot_repaired_without_a_server(built: Built, tmp_path: P
     assert cp.returncode == 0, cp.stdout
 
 
+@pytest.mark.engine_log(SLOT_UNUSABLE)
 def test_server_reports_a_bad_superblock_slot(built: Built, servers, tmp_path: Path) -> None:
     """The issue asks the server, too, to report a bad block with its address and type. A bad
     superblock slot is not fatal (the other slot serves), but it should be logged at open."""

@@ -60,6 +60,7 @@ def assert_reads(h: nbd.NBD, model: bytearray, why: str) -> None:
             pytest.fail(f"{why}: live differs at byte {off + bad}")
 
 
+@pytest.mark.engine_log(r"the pool is full")
 @pytest.mark.parametrize("cow", ["move", "copy"])
 def test_full_pool(servers, loops: LoopDevices, tmp_path: Path, cow: str) -> None:
     rng = random.Random(3)

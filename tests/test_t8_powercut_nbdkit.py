@@ -32,15 +32,16 @@ import hashlib
 import os
 import random
 import shutil
-import struct
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from crashsim import CrashPlan, Op, Replayer, write_image
+from crashsim import CrashPlan, Replayer, write_image
 from harness import REPO, NbdkitServer
+from support.iolog import read_log
+from support.logcheck import SLOT_UNUSABLE
 from t8_helpers import check_image, close_quietly, describe
 from t8_load import Snap, Snapshotter, Writer, verify_export
 
@@ -52,8 +53,6 @@ SIZE = 1 << 20
 CLIENTS = 3
 SLOTS = 64  # per client: 768 KiB written, the last 256 KiB never
 LOAD_SECONDS = 2.0
-RECORD = struct.Struct("<BQQ")
-KINDS = {1: "write", 2: "sync", 3: "discard", 4: "truncate"}
 
 
 class RecordingServer(NbdkitServer):
@@ -68,28 +67,7 @@ class RecordingServer(NbdkitServer):
         return cmd
 
 
-def read_log(path: Path) -> tuple[list[Op], list[int]]:
-    """The ops of a recording and the log position after each (a torn last record dropped)."""
-    raw = path.read_bytes()
-    ops: list[Op] = []
-    ends: list[int] = []
-    pos = 0
-    while pos + RECORD.size <= len(raw):
-        kind, offset, length = RECORD.unpack_from(raw, pos)
-        end = pos + RECORD.size + (length if kind == 1 else 0)
-        if end > len(raw):
-            break
-        if kind == 1:
-            ops.append(Op("write", offset, raw[pos + RECORD.size : end]))
-        elif kind == 3:
-            ops.append(Op("discard", offset, length=length))
-        else:
-            ops.append(Op(KINDS[kind], length=length))
-        ends.append(end)
-        pos = end
-    return ops, ends
-
-
+@pytest.mark.engine_log(SLOT_UNUSABLE)
 @pytest.mark.parametrize("cow", ["move", "copy"])
 def test_power_cuts_through_a_real_nbdkit(tmp_path: Path, cow: str) -> None:
     t0 = time.monotonic()

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 from harness import NbdkitServer, run_snapctl
+from support.data import sha256_file as sha256
+from support.logcheck import SLOT_UNUSABLE
 from t8_helpers import (
     assert_check_clean,
     check_image,
@@ -28,7 +30,6 @@ from t8_helpers import (
     flip_bytes,
     newest_slot,
     read_slots,
-    sha256,
     write_slot,
 )
 
@@ -238,6 +239,7 @@ def _other_pool_superblock(tmp_path: Path) -> Superblock:
     return newest_slot(other)[1]
 
 
+@pytest.mark.engine_log(SLOT_UNUSABLE)
 @pytest.mark.parametrize("damage", ["newest-flipped", "older-flipped", "older-zeroed", "stale"])
 def test_bad_superblock_slot_is_rewritten(servers, tmp_path: Path, damage: str) -> None:
     srv, model = make_pool(servers, random.Random(7))

@@ -33,7 +33,9 @@ from typing import Any
 import nbd
 import pytest
 from harness import REPO, SNAPCTL, require
-from t8_helpers import close_quietly, sha256
+from support.data import sha256_file as sha256
+from support.snapctl import snapctl, snapctl_json
+from t8_helpers import close_quietly
 
 USER = f"dittofs-test-{os.getpid()}"  # one per run: concurrent runs never share it
 NOBODY = 65534
@@ -258,10 +260,7 @@ def test_tls_psk(tmp_path: Path) -> None:
     require("nbdkit")
     env = {**os.environ, "DITTOFS_RUNDIR": str(tmp_path / "run")}
     disk = tmp_path / "pool.img"
-    cp = subprocess.run(
-        [str(SNAPCTL), "format", str(disk), "--size", "4M"], env=env, capture_output=True
-    )
-    assert cp.returncode == 0, cp.stderr
+    snapctl("format", str(disk), "--size", "4M", env=env, check=True)
     psk = tmp_path / "psk"
     psk.write_text("alice:" + os.urandom(32).hex() + "\n")
     psk.chmod(0o600)
@@ -302,10 +301,7 @@ def test_tls_psk(tmp_path: Path) -> None:
         h.flush()
         assert h.pread(len(data), 12345) == data
         close_quietly(h)
-        ctl = subprocess.run(
-            [str(SNAPCTL), "-d", str(disk), "create", "over-tls"], env=env, capture_output=True
-        )
-        assert ctl.returncode == 0, ctl.stderr
+        snapctl("create", "over-tls", disk=disk, env=env, check=True)
         s = tls_client(port, "live@over-tls", psk)
         assert s.is_read_only() and s.pread(len(data), 12345) == data
         close_quietly(s)
@@ -318,7 +314,4 @@ def test_tls_psk(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
     assert proc.returncode == 0, f"serve exited {proc.returncode}"
-    info = subprocess.run(
-        [str(SNAPCTL), "-d", str(disk), "info", "--json"], env=env, capture_output=True, text=True
-    )
-    assert json.loads(info.stdout)["snapshot_count"] == 1, info.stdout
+    assert snapctl_json("info", disk=disk, env=env)["snapshot_count"] == 1

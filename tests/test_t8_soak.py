@@ -26,7 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 import nbd
+import pytest
 from harness import NbdkitServer
+from support.logcheck import SNAPSHOT_GONE
 from t8_helpers import assert_check_clean, close_quietly, nbd_errno
 
 from fsimpl.client import SocketClient
@@ -244,6 +246,7 @@ class Soak:
                 last_check = time.monotonic()
 
 
+@pytest.mark.engine_log(SNAPSHOT_GONE)
 def test_soak(tmp_path: Path) -> None:
     srv = NbdkitServer(
         tmp_path, tmp_path / "pool.img", size=str(SIZE), params={"threads": "parallel"}

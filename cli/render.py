@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,9 +13,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fsimpl.errors import InvalidArgument
+from fsimpl.units import parse_size
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
+__all__ = ["Renderer", "human_size", "parse_size"]
+
 
 # column key -> (JSON field, header)
 COLUMNS: dict[str, tuple[str, str]] = {
@@ -30,14 +30,6 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "holds": ("holds", "HOLDS"),
     "volumes": ("volumes", "VOLUMES"),
 }
-
-
-def parse_size(text: str) -> int:
-    """'64K', '10G', '1.5T', '4096' -> bytes (binary units, like nbdkit and zfs)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise InvalidArgument(f"'{text}' is not a size: use a number with K, M, G or T")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 def human_size(n: int) -> str:
@@ -123,6 +115,15 @@ class Renderer:
             ("peer", d.get("peer") or "-"),
             ("last common", d.get("last_common") or "-"),
         ]
+        if "errors" in d:  # since the server opened the pool
+            e = d["errors"]
+            lines.append(
+                (
+                    "errors",
+                    f"{e['read']} read, {e['write']} write, {e['checksum']} checksum, "
+                    f"{e['failed_commits']} failed commit(s)",
+                )
+            )
         if d.get("mode") == "server":
             lines.append(("server", f"pid {d['server_pid']}"))
             lines.append(("control socket", d.get("control_socket", "?")))

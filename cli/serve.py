@@ -257,6 +257,10 @@ class OutputRelay:
 
 def startup_error(output: str, returncode: int | None) -> DittoError:
     """nbdkit's output from a failed start, as one DittoError (the plugin's own, if any)."""
+    for line in output.splitlines():  # the plugin's one line: "...: error: MESSAGE [code]"
+        m = re.match(r"nbdkit: (?:\S+: )?error: (?:\S+: \w+: error: )?(.+) \[(\w+)\]$", line)
+        if m and m.group(2) in ditto_errors.ERRORS_BY_CODE:
+            return ditto_errors.ERRORS_BY_CODE[m.group(2)](m.group(1).strip())
     for line in output.splitlines():
         m = re.match(r"\s*fsimpl\.errors\.(\w+): (.+)", line)
         if m:

@@ -27,6 +27,7 @@ from .device import Device
 from .errors import DittoError, InvalidArgument, NotFound, Refused
 from .layout import OP_DELETE, ROLE_STANDBY, SNAP_ACTIVE, SnapshotRecord
 from .names import check_name
+from .opening import read_only_disk
 from .txn import Pool
 from .volume import COW_COPY, COW_MOVE, MERGE_DEFERRED, MERGE_IMMEDIATE, Volume
 
@@ -60,6 +61,10 @@ class EngineCore:
         self.pins: dict[int, int] = {}  # snapshot id -> streams being sent from it
         self.epoch = 0  # bumped whenever the pool is reloaded from disk
         self.failed = False
+        # failed commits so far. A connection remembers the count it opened at; once it moves,
+        # the connection's unflushed writes may be gone and it is told. Never reset: a reload
+        # from disk cannot bring a failure back to a count a connection already saw.
+        self.failures = 0
         self.endpoint: Any = None  # the standby replication endpoint, when this process runs one
 
     # --- the pool's lifetime ------------------------------------------------------------------
@@ -97,12 +102,21 @@ class EngineCore:
         served, and make every connection to a volume fail from now on (its unflushed writes
         are gone; it must know)."""
         self.usable()
+        if self.device.read_only_device and self.pool.is_dirty:
+            self.reload()  # what cannot be written is dropped; nothing was acknowledged
+            raise read_only_disk(self.device.path)
         try:
             done = self.pool.commit()
         except BaseException as e:
-            log.error("commit failed (%s); reverting to the last durable state", e)
+            self.failures += 1
+            log.error(
+                "commit failed (%s); reverting to the last durable state. Every connection "
+                "to %s opened before now fails until it reconnects (its unflushed writes are "
+                "gone)",
+                e,
+                self.reverted_exports(),
+            )
             self.reload()
-            self.fail_connections()
             raise
         self.last_commit = time.monotonic()
         return done
@@ -216,9 +230,17 @@ class EngineCore:
         sb = self.pool.sb
         return sb.role == ROLE_STANDBY or bool(sb.superseded)
 
+    def reverted_exports(self) -> str:
+        """What a failed commit reverts: every volume, and every writable snapshot (read-only
+        snapshots never change, so their connections go on)."""
+        names = [v.name for v in self.pool.volumes.values()]
+        for vol in self.pool.volumes.values():
+            names += [f"{vol.name}@{self.pool.snapshots[s].name}" for s in sorted(vol.writable)]
+        return ", ".join(names) or "no export"
+
     def fail_connections(self) -> None:
-        """Every connection to a volume gets ExportGone from its next request on (a failed
-        commit, a role change). Caller holds the lock and commits."""
+        """Every connection to a volume gets ExportGone from its next request on (a role
+        change). Caller holds the lock and commits."""
         for vol in self.pool.volumes.values():
             vol.inode.incarnation += 1
             self.pool.touch_inode(vol.inode)

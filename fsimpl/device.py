@@ -21,6 +21,7 @@ from .errors import DittoError, NoSpace, PoolBusy
 
 _BLKGETSIZE64 = 0x80081272
 _BLKDISCARD = 0x1277
+_BLKROGET = 0x125E
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -36,6 +37,11 @@ class IOStats:
     bytes_written: int = 0
     syncs: int = 0
     discards: int = 0
+    # errors since open, as zpool status counts them: the device failed a read or a write (or
+    # sync), or what it returned failed its checksum (counted by whoever verified it)
+    read_errors: int = 0
+    write_errors: int = 0
+    checksum_errors: int = 0
 
     def snapshot(self) -> IOStats:
         return IOStats(**self.__dict__)
@@ -66,6 +72,8 @@ class Device:
         if not (self.is_block_device or stat.S_ISREG(st.st_mode)):
             os.close(self.fd)
             raise DittoError(f"{path} is neither a regular file nor a block device")
+        # A read-only block device opens read-write and fails only at the first write; ask it.
+        self.read_only_device = self.is_block_device and _read_only(self.fd)
         self.stats = IOStats()
         self._locked = False
 
@@ -89,6 +97,7 @@ class Device:
             try:
                 os.ftruncate(self.fd, size)
             except OSError as e:
+                self.stats.write_errors += 1
                 raise _os_error(e, f"resize of {self.path}") from e
 
     def identity(self) -> tuple[int, int]:
@@ -113,11 +122,13 @@ class Device:
             try:
                 n = os.preadv(self.fd, [view[got:]], offset + got)
             except OSError as e:
+                self.stats.read_errors += 1
                 raise DittoError(
                     f"read of {self.path} at offset {offset + got} failed: {e.strerror}"
                 ) from e
             if n == 0:  # past the end of an image file: never written, reads as zeros
                 if self.is_block_device:
+                    self.stats.read_errors += 1
                     raise DittoError(
                         f"short read from {self.path} at offset {offset + got}: "
                         "the device is smaller than the pool"
@@ -140,6 +151,7 @@ class Device:
             while done < len(view):
                 done += os.pwrite(self.fd, view[done:], offset + done)
         except OSError as e:
+            self.stats.write_errors += 1
             raise _os_error(e, f"write to {self.path} at offset {offset}") from e
         self.stats.writes += 1
         self.stats.bytes_written += len(view)
@@ -150,6 +162,7 @@ class Device:
         try:
             done = os.pwritev(self.fd, parts, offset)
         except OSError as e:
+            self.stats.write_errors += 1
             raise _os_error(e, f"write to {self.path} at offset {offset}") from e
         if done < total:  # short write: finish the rest piece by piece
             self.pwrite(b"".join(parts)[done:], offset + done)
@@ -161,6 +174,7 @@ class Device:
         try:
             os.fsync(self.fd)
         except OSError as e:
+            self.stats.write_errors += 1
             raise _os_error(e, f"fsync of {self.path}") from e
         self.stats.syncs += 1
 
@@ -202,6 +216,14 @@ class Device:
         if self.fd >= 0:
             os.close(self.fd)  # closing the only descriptor also drops the flock
             self.fd = -1
+
+
+def _read_only(fd: int) -> bool:
+    try:
+        buf = fcntl.ioctl(fd, _BLKROGET, b"\0" * 4)
+    except OSError:
+        return False
+    return bool(struct.unpack("<i", buf)[0])
 
 
 def lock_holder(dev: int, ino: int) -> int:

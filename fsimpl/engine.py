@@ -67,14 +67,18 @@ class Engine:
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         claim: bool = True,
         checksums: bool = False,
+        serve: bool = False,
     ) -> Engine:
-        """Open (with create_size and a missing path: create) the pool on path, exclusively."""
+        """Open (with create_size and a missing path: create) the pool on path, exclusively.
+        serve (implied by claim): the caller will write to it, so a read-only device is refused
+        at once."""
         device, pool = open_pool(
             path,
             create_size=create_size,
             block_size=block_size,
             cache_bytes=cache_bytes,
             checksums=checksums,
+            serve=serve or claim,
         )
         try:
             engine = cls(device, pool, cow, cache_bytes, merge)

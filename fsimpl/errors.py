@@ -75,6 +75,15 @@ class CorruptData(DittoError):
     code = "corrupt_data"
 
 
+class ReadOnlyDisk(DittoError):
+    """The disk is a read-only device: the pool on it can be read and checked, not served or
+    changed."""
+
+    code = "read_only_disk"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EROFS
+
+
 class PoolBusy(DittoError):
     """Another process holds the pool open."""
 
@@ -203,6 +212,7 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         PoolTruncated,
         CorruptMetadata,
         CorruptData,
+        ReadOnlyDisk,
         PoolBusy,
         NoSpace,
         ReadOnlyExport,

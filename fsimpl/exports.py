@@ -44,6 +44,7 @@ class Export:
     size: int
     description: str
     client: bool = False  # counted in EngineCore.connections
+    failures: int = 0  # EngineCore.failures when it was opened
 
 
 class ExportRequests:
@@ -93,6 +94,7 @@ class ExportRequests:
                     vol.inode.size,
                     f"volume {vol.name} ({'read-only' if readonly else 'read-write'})",
                     client,
+                    core.failures,
                 )
             if parsed.snapshot == LATEST:
                 rec = core.latest_of(vol)
@@ -113,6 +115,7 @@ class ExportRequests:
                 vol.inode.incarnation,
                 shadow.inode.size,
                 describe_snapshot(rec, vol),
+                failures=core.failures,
             )
 
     def close_export(self, ex: Export) -> None:
@@ -138,8 +141,14 @@ class ExportRequests:
                 )
         elif vol.inode.incarnation != ex.incarnation:
             raise ExportGone(
-                f"export {ex.name}: the volume changed under this connection (a rollback, or "
-                "a failed commit that reverted unflushed writes); reconnect to see it"
+                f"export {ex.name}: the volume changed under this connection (a rollback or "
+                "a role change); reconnect to see it"
+            )
+        if ex.failures != core.failures and (ex.snap_id is None or ex.snap_id in vol.writable):
+            raise ExportGone(
+                f"export {ex.name}: a commit failed after this connection opened and the pool "
+                "went back to its last durable state, so writes not yet flushed may be gone; "
+                "reconnect to see what is durable"
             )
         return vol
 

@@ -11,7 +11,7 @@ import logging
 import os
 
 from .device import Device
-from .errors import DittoError, InvalidArgument, NotFound, PoolBusy, Refused
+from .errors import DittoError, InvalidArgument, NotFound, PoolBusy, ReadOnlyDisk, Refused
 from .layout import SUPERBLOCK_OFFSETS, check_block_size
 from .probe import detect_signature
 from .rundir import pid_alive
@@ -29,8 +29,11 @@ def open_pool(
     block_size: int,
     cache_bytes: int,
     checksums: bool,
+    serve: bool = False,
 ) -> tuple[Device, Pool]:
-    """The pool on path, exclusively; with create_size and a missing path, a new image file."""
+    """The pool on path, exclusively; with create_size and a missing path, a new image file.
+    serve: the caller will write (serve it, claim it): a read-only device is refused now, with
+    one clear line, rather than at its first commit."""
     if create_size is not None and not os.path.exists(path):
         check_size(create_size)
         _check_block_size(block_size, f"block-size={block_size}: ")
@@ -47,6 +50,8 @@ def open_pool(
     device = _device(path, create=False)
     try:
         lock(device)
+        if serve and device.read_only_device:
+            raise read_only_disk(path)
         pool = Pool.open(device, cache_bytes)
         refuse_if_in_use(pool.sb, path, "stop it first")
         for slot, problem in pool.superblock_problems:
@@ -112,6 +117,14 @@ def format_disk(
         raise
     finally:
         device.close()
+
+
+def read_only_disk(path: str) -> ReadOnlyDisk:
+    return ReadOnlyDisk(
+        f"{path} is a read-only device: dittofs writes to a pool it serves or changes; make it "
+        "writable (blockdev --setrw, or losetup without -r), or only read it with "
+        f"'snapctl -d {path} info', 'list' or 'check'"
+    )
 
 
 def _device(path: str, create: bool) -> Device:

@@ -206,7 +206,8 @@ def _hello(c: Call) -> Any:
     "`used_bytes`, `free_bytes`, `host_allocated_bytes`, `generation`, `volumes` "
     "(`{name, size_bytes, allocated_bytes, snapshots, connections}`), `snapshot_count`, "
     "`newest_snapshot`, `pending_deletes`, `role`, `peer`, `last_common`, `superseded`, `cow`, "
-    "`snapshot_min_free`, `server_pid`, `time`",
+    "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits}` since "
+    "the pool was opened), `time`",
 )
 def _info(c: Call) -> Any:
     return c.engine.info()

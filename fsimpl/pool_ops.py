@@ -21,6 +21,7 @@ class PoolOps(OperationModule):
             sb = pool.sb
             bs = pool.block_size
             active = [r for r in pool.snapshots.values() if r.state == SNAP_ACTIVE]
+            stats = self.core.device.stats
             return {
                 "disk": self.core.device.path,
                 "format_version": FORMAT_VERSION,
@@ -56,6 +57,12 @@ class PoolOps(OperationModule):
                 "cow": self.core.cow,
                 "snapshot_min_free": sb.snapshot_min_free * bs,
                 "server_pid": sb.inuse_pid,
+                "errors": {
+                    "read": stats.read_errors,
+                    "write": stats.write_errors,
+                    "checksum": stats.checksum_errors,
+                    "failed_commits": self.core.failures,
+                },
                 "time": time.time(),
             }
 

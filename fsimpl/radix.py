@@ -25,6 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from .device import Device
+from .errors import CorruptMetadata
 from .layout import (
     BT_INTERIOR,
     HEADER_SIZE,
@@ -79,7 +80,11 @@ class MetaStore:
             self.cache.move_to_end(addr)
             return node
         buf = self.device.pread(self.block_size, addr * self.block_size)
-        hdr = open_block(buf, addr, btype)
+        try:
+            hdr = open_block(buf, addr, btype)
+        except CorruptMetadata:
+            self.device.stats.checksum_errors += 1
+            raise
         node = Node(buf, hdr.level, addr, hdr.records)
         self.nodes_read += 1
         self.cache[addr] = node

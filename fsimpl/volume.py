@@ -608,6 +608,7 @@ def read_checked(ctx: DataContext, e: Entry) -> bytearray:
         return read_block(ctx, e)
     buf = ctx.device.pread(ctx.block_size, e.addr * ctx.block_size)
     if ctx.checksums and zlib.crc32(buf) != e.csum:
+        ctx.device.stats.checksum_errors += 1
         raise CorruptData(
             f"data block {e.addr} failed its checksum (stored {e.csum:#010x}, read "
             f"{zlib.crc32(buf):#010x}); run 'snapctl scrub' to find every damaged block"

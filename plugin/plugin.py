@@ -6,8 +6,11 @@
 
 Exports: `live` (default, read-write), `live@NAME` (read-only snapshot), `live@latest` (the newest
 snapshot when the client connects). Engine errors become errno values for the client (EPERM for
-writes to read-only exports, ENOSPC for a full pool, EIO otherwise) and one clear line in the
-log. Nothing here decides anything: the engine does.
+writes to read-only exports, ENOSPC for a full pool, EIO otherwise) and one line in nbdkit's log
+naming the export, the offset and the error; an engine error at start (a bad parameter, a disk
+that is no pool or cannot be opened) is one line ending in its code, `[not_a_pool]`, and nbdkit
+exits non-zero. Only a bug, an exception that is not an engine error, prints a traceback.
+Nothing here decides anything: the engine does.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 import os
 import sys
 import threading
+import traceback
+from typing import Any
 
 import nbdkit
 
@@ -32,6 +37,7 @@ from fsimpl.engine import Engine, Export  # noqa: E402
 from fsimpl.errors import DittoError, InvalidArgument  # noqa: E402
 from fsimpl.layout import DEFAULT_BLOCK_SIZE  # noqa: E402
 from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
+from fsimpl.units import parse_size  # noqa: E402
 
 API_VERSION = 2
 
@@ -70,24 +76,66 @@ _engine_log.addHandler(_EngineLog(logging.WARNING))
 _engine_log.propagate = False
 
 
-def _fail(e: DittoError) -> None:
-    """Report an engine error: errno for the client, one clear line for the log."""
+class _Reported(Exception):
+    """An engine error said in one line: nbdkit logs its message, not a traceback."""
+
+
+_format_exception = traceback.format_exception
+
+
+def _format_reported(exc: Any, /, *args: Any, **kw: Any) -> list[str]:
+    # nbdkit's Python plugin logs a failed callback as traceback.format_exception(type, value,
+    # tb) joined; for an engine error that is one line, the error itself.
+    value = args[0] if args else exc
+    if isinstance(value, _Reported):
+        return [str(value)]
+    return _format_exception(exc, *args, **kw)
+
+
+traceback.format_exception = _format_reported
+
+
+def _fail(e: DittoError, where: str) -> None:
+    """Report an engine error from a request: errno for the client, one line for the log."""
     nbdkit.set_error(e.errno)
-    _log(f"error: {e}")
-    raise RuntimeError(str(e)) from None
+    message = str(e)
+    head = where.split(",")[0] + ": "  # "export NAME: ", which the engine may have said already
+    raise _Reported(where + ": " + message.removeprefix(head)) from None
+
+
+def _refuse(e: DittoError) -> None:
+    """Report an engine error at start: one line with its code, and nbdkit exits non-zero."""
+    raise _Reported(f"{e} [{e.code}]") from None
 
 
 def config(key: str, value: str) -> None:
+    if key == "faults":  # tests only: a device that fails reads, writes or syncs on demand
+        if os.environ.get("DITTOFS_TEST_FAULTS") != "1":
+            _refuse(
+                InvalidArgument(
+                    "faults= is a test-only parameter (it makes the disk fail on purpose); it "
+                    "is refused unless the test environment sets DITTOFS_TEST_FAULTS=1"
+                )
+            )
+        _config[key] = value
+        return
     if key not in _KEYS:
-        raise InvalidArgument(
-            f"unknown parameter '{key}'; dittofs takes {', '.join(k + '=' for k in _KEYS)}"
+        _refuse(
+            InvalidArgument(
+                f"unknown parameter '{key}'; dittofs takes {', '.join(k + '=' for k in _KEYS)}"
+            )
         )
     _config[key] = value
 
 
 def config_complete() -> None:
     if "disk" not in _config:
-        raise InvalidArgument("disk=PATH is required (an image file or a block device)")
+        _refuse(InvalidArgument("disk=PATH is required (an image file or a block device)"))
+
+
+def _size(key: str, default: str) -> int:
+    # fsimpl's parser, not nbdkit.parse_size: that one logs its own error line first
+    return parse_size(_config.get(key, default), f"{key}=")
 
 
 def thread_model() -> int:
@@ -104,21 +152,28 @@ def thread_model() -> int:
 def get_ready() -> None:
     """Open (or create) the pool before nbdkit forks, so a bad disk fails the command itself."""
     global _engine
-    size = _config.get("size")
+    if "faults" in _config:
+        sys.path.insert(0, os.path.join(_ROOT, "tests"))
+        from support.faults import FileArmedFaultyDevice
+
+        from fsimpl import opening
+
+        FileArmedFaultyDevice.spec_path = _config["faults"]
+        opening.Device = FileArmedFaultyDevice  # type: ignore[misc]
     try:
         _engine = Engine.open(
             _config["disk"],
             cow=_config.get("cow", "move"),
             merge=_config.get("merge", "deferred"),
-            create_size=nbdkit.parse_size(size) if size is not None else None,
-            block_size=nbdkit.parse_size(_config.get("block-size", str(DEFAULT_BLOCK_SIZE))),
-            cache_bytes=nbdkit.parse_size(_config.get("cache", str(DEFAULT_CACHE_BYTES))),
+            create_size=_size("size", "0") if "size" in _config else None,
+            block_size=_size("block-size", str(DEFAULT_BLOCK_SIZE)),
+            cache_bytes=_size("cache", str(DEFAULT_CACHE_BYTES)),
             claim=False,
+            serve=True,
             checksums=_config.get("checksum", "off") in ("on", "yes", "1", "true"),
         )
     except DittoError as e:
-        _log(f"error: {e}")
-        raise
+        _refuse(e)
 
 
 def after_fork() -> None:
@@ -126,9 +181,15 @@ def after_fork() -> None:
     global _control, _ticker
     assert _engine is not None
     disk = _config["disk"]
-    _engine.claim(os.getpid())
     path = _config.get("control") or rundir.default_control_path(disk)
-    _control = ControlServer(_engine, path, _log)
+    try:
+        _engine.claim(os.getpid())
+        _control = ControlServer(_engine, path, _log)
+    except DittoError as e:
+        _refuse(e)
+    except OSError as e:
+        _refuse(DittoError(f"cannot make the control socket {path}: {e.strerror}"))
+    assert _control is not None
     _control.start()
     state = {"pid": os.getpid(), "disk": os.path.realpath(disk), "control": os.path.abspath(path)}
     if "nbd" in _config:  # where clients reach the exports (informational: snapctl serve sets it)
@@ -165,7 +226,11 @@ def cleanup() -> None:
 
 def list_exports(readonly: bool, is_tls: bool) -> list[tuple[str, str]]:
     assert _engine is not None
-    return _engine.export_names()
+    try:
+        return _engine.export_names()
+    except DittoError as e:
+        _fail(e, "list of exports")
+        raise
 
 
 def default_export(readonly: bool, is_tls: bool) -> str:
@@ -174,10 +239,11 @@ def default_export(readonly: bool, is_tls: bool) -> str:
 
 def open(readonly: bool) -> Export:  # noqa: A001 - nbdkit's callback name
     assert _engine is not None
+    name = nbdkit.export_name()
     try:
-        return _engine.open_export(nbdkit.export_name(), readonly, client=True)
+        return _engine.open_export(name, readonly, client=True)
     except DittoError as e:
-        _fail(e)
+        _fail(e, f"export '{name}'")
         raise
 
 
@@ -238,32 +304,36 @@ def is_rotational(h: Export) -> bool:
 # --- requests --------------------------------------------------------------------------------
 
 
+def _where(h: Export, what: str, offset: int, length: int) -> str:
+    return f"export {h.name}, {what} at offset {offset}, length {length}"
+
+
 def pread(h: Export, buf: bytearray, offset: int, flags: int) -> None:
     try:
         _engine.read(h, memoryview(buf), offset)  # type: ignore[union-attr]
     except DittoError as e:
-        _fail(e)
+        _fail(e, _where(h, "read", offset, len(buf)))
 
 
 def pwrite(h: Export, buf: bytes, offset: int, flags: int) -> None:
     try:
         _engine.write(h, memoryview(buf), offset, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
     except DittoError as e:
-        _fail(e)
+        _fail(e, _where(h, "write", offset, len(buf)))
 
 
 def flush(h: Export, flags: int) -> None:
     try:
         _engine.flush(h)  # type: ignore[union-attr]
     except DittoError as e:
-        _fail(e)
+        _fail(e, f"export {h.name}, flush")
 
 
 def trim(h: Export, count: int, offset: int, flags: int) -> None:
     try:
         _engine.trim(h, offset, count, bool(flags & nbdkit.FLAG_FUA))  # type: ignore[union-attr]
     except DittoError as e:
-        _fail(e)
+        _fail(e, _where(h, "trim", offset, count))
 
 
 def zero(h: Export, count: int, offset: int, flags: int) -> None:
@@ -276,14 +346,14 @@ def zero(h: Export, count: int, offset: int, flags: int) -> None:
             may_trim=bool(flags & nbdkit.FLAG_MAY_TRIM),
         )
     except DittoError as e:
-        _fail(e)
+        _fail(e, _where(h, "zero", offset, count))
 
 
 def extents(h: Export, count: int, offset: int, flags: int) -> list[tuple[int, int, int]]:
     try:
         runs = _engine.extents(h, offset, count)  # type: ignore[union-attr]
     except DittoError as e:
-        _fail(e)
+        _fail(e, _where(h, "extents", offset, count))
         raise
     hole = nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO
     return [(o, n, hole if is_hole else 0) for o, n, is_hole in runs]

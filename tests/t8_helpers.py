@@ -33,6 +33,7 @@ from fsimpl.layout import (
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
     Superblock,
+    child_pointers,
     pack_superblock,
     unpack_superblock,
 )
@@ -140,8 +141,7 @@ def _tree_blocks(tree: RadixTree, name: str) -> Iterator[MetaBlock]:
         if level:
             node = tree.store.load(addr, BT_INTERIOR, level)
             span = fan ** (level - 1)
-            for slot in range(fan):
-                (child,) = struct.unpack_from("<Q", node.buf, 64 + 8 * slot)
+            for slot, child in enumerate(child_pointers(node.buf, fan)):
                 if child:
                     stack.append((child, level - 1, leaf_base + slot * span))
 

@@ -406,7 +406,9 @@ class Volume:
                     and self._deferred_first_write(ctx, first, e, data, start)
                 ):
                     return
-        if cow == COW_COPY and latest:
+        if cow == COW_COPY and latest and not ctx.checksums:
+            # (with data checksums nothing is overwritten in place, so nothing needs copying
+            # aside first: shared blocks move to the snapshot as under cow=move)
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
         aligned = offset % SECTOR == 0 and len(data) % SECTOR == 0
@@ -416,7 +418,15 @@ class Volume:
                 entries[i] = self.settle(ctx, first + i)
         defer = defer and aligned and cow == COW_MOVE and not ctx.checksums
         shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
-        moves = sum(1 for e, sh in zip(entries, shared, strict=True) if e.kind != KIND_ADDR or sh)
+        # With data checksums every block written goes to a new place: an overwrite in place
+        # would put new data under the committed CRC until the commit, and a crash then would
+        # read as corruption what NBD allows to read as old or new (the old block is freed at
+        # the commit instead, untouched until then).
+        moves = sum(
+            1
+            for e, sh in zip(entries, shared, strict=True)
+            if e.kind != KIND_ADDR or sh or ctx.checksums
+        )
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
         remap: list[tuple[int, Entry, bool, Entry]] = []  # block, old entry, shared, new entry
@@ -430,17 +440,12 @@ class Volume:
                 n = min(bs - start, len(data) - pos)
                 chunk = data[pos : pos + n]
                 pos += n
-                if e.kind == KIND_ADDR and not shared[i]:
+                if e.kind == KIND_ADDR and not shared[i] and not ctx.checksums:
                     if e.incomplete:
                         writes.append((e.addr * bs + start, chunk))
                         resum.append((b, self._extend(ctx, e, start, n, writes)))
                         continue
-                    if not ctx.checksums:
-                        writes.append((e.addr * bs + start, chunk))
-                        continue
-                    whole = chunk if n == bs else merged_block(ctx, e.addr, start, chunk)
-                    writes.append((e.addr * bs, whole))  # the CRC covers the whole block
-                    resum.append((b, e._replace(csum=zlib.crc32(whole))))
+                    writes.append((e.addr * bs + start, chunk))  # live's own: in place
                     continue
                 new = fresh[len(remap)]
                 if n < bs and defer and e.kind == KIND_ADDR:
@@ -455,7 +460,7 @@ class Volume:
                     block: memoryview = chunk
                 else:
                     merged = bytearray(bs)
-                    if e.kind == KIND_ADDR:  # shared: move-on-write merges the old contents
+                    if e.kind == KIND_ADDR:  # the old contents around the new bytes
                         read_view_into(ctx, e, memoryview(merged), 0)
                     elif e.kind == KIND_NONE:
                         self._base_into(ctx, b, merged)
@@ -471,6 +476,8 @@ class Volume:
         for b, e, was_shared, now in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
+            elif e.kind == KIND_ADDR:  # live's own block, rewritten elsewhere (checksums)
+                ctx.allocator.free(e.addr)
             self.live.set(b, now)
             if now.incomplete:
                 self.incomplete.add(b)
@@ -569,14 +576,6 @@ class Volume:
                 live.clear(b)
             else:  # keep the birth: it still says whether b changed since the latest snapshot
                 live.set(b, Entry(zero_kind, 0, e.birth))
-
-
-def merged_block(ctx: DataContext, addr: int, start: int, chunk: memoryview) -> memoryview:
-    """Block addr with chunk written at start (a partial in-place write of a checksummed
-    block has to rewrite it whole)."""
-    buf = ctx.device.pread(ctx.block_size, addr * ctx.block_size)
-    buf[start : start + len(chunk)] = chunk
-    return memoryview(buf)
 
 
 def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:

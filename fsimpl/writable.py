@@ -7,9 +7,10 @@ entry or dittos to P), so P gets an entry for b first:
 * S has an explicit entry without a block (HOLE, ORIGIN): P gets the same entry;
 * S dittos (its view comes from a newer snapshot, live or a clone's origin): P gets a copy of
   that view (a block owned elsewhere cannot be shared: ownership stays unique).
-Then S's view changes: in place when S already owns the block and nobody relies on it, else in
-a new block holding the old view merged with the new bytes. Newer snapshots and live never
-look at older snapshots, so they are untouched by construction.
+Then S's view changes: in place when S already owns the block and nobody relies on it (never on
+a pool with data checksums: the new data goes to a new block, the old one is freed at the
+commit), else in a new block holding the old view merged with the new bytes. Newer snapshots
+and live never look at older snapshots, so they are untouched by construction.
 
 An entry written into S carries birth = S's id (its data is S's own, older than no snapshot
 that reads it). Live's first-write test checks the latest snapshot's entry (volume.py), so a
@@ -21,7 +22,7 @@ from __future__ import annotations
 import zlib
 
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume, merged_block, read_block, read_view_into, write_coalesced
+from .volume import DataContext, Volume, read_block, read_view_into, write_coalesced
 
 
 def _plan(vol: Volume, sid: int, first: int, count: int) -> tuple[list[Entry], list[Entry]]:
@@ -52,7 +53,10 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     older = vol.shadows[older_id] if older_id else None
     own, views = _plan(vol, sid, first, count)
     relied = [older is not None and older.get(first + i) == EMPTY_ENTRY for i in range(count)]
-    in_place = [own[i].kind == KIND_ADDR and not relied[i] for i in range(count)]
+    # with data checksums a block is never rewritten in place (see Volume.write)
+    in_place = [
+        own[i].kind == KIND_ADDR and not relied[i] and not ctx.checksums for i in range(count)
+    ]
     copies_needed = [
         i
         for i in range(count)
@@ -65,7 +69,6 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     copy_for = dict(zip(copies_needed, fresh[count - sum(in_place) :], strict=True))
     writes: list[tuple[int, memoryview]] = []
     remap: list[tuple[int, int, int]] = []  # (index, new block for S, its CRC)
-    resum: list[tuple[int, int]] = []  # (index, CRC) of blocks S rewrote in place
     try:
         for i, c in copy_for.items():  # older snapshots keep the view they relied on
             ctx.device.pwrite(read_block(ctx, views[i]), c * bs)
@@ -77,12 +80,7 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             chunk = data[pos : pos + n]
             pos += n
             if in_place[i]:
-                if not ctx.checksums:
-                    writes.append((own[i].addr * bs + start, chunk))
-                    continue
-                whole = chunk if n == bs else merged_block(ctx, own[i].addr, start, chunk)
-                writes.append((own[i].addr * bs, whole))
-                resum.append((i, zlib.crc32(whole)))
+                writes.append((own[i].addr * bs + start, chunk))
                 continue
             new = new_for[len(remap)]
             if n == bs:
@@ -99,8 +97,6 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     except BaseException:
         ctx.allocator.unallocate(fresh)
         raise
-    for i, crc in resum:
-        shadow.set(first + i, own[i]._replace(csum=crc))
     for i, new, crc in remap:
         b = first + i
         if relied[i]:
@@ -112,6 +108,8 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
                 older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth, csum=views[i].csum))
             else:  # the view was a hole (or beyond a clone's origin)
                 older.set(b, Entry(KIND_HOLE, 0, views[i].birth))
+        elif own[i].kind == KIND_ADDR:  # S's own block, rewritten elsewhere (checksums)
+            ctx.allocator.free(own[i].addr)
         shadow.set(b, Entry(KIND_ADDR, new, sid, csum=crc))
 
 

@@ -99,7 +99,9 @@ class Recording:
 class Harness:
     """Drives the engine and the model together, tagging the device's log with model states."""
 
-    def __init__(self, path: Path, seed: int, cow: str, size: int, growable: bool) -> None:
+    def __init__(
+        self, path: Path, seed: int, cow: str, size: int, growable: bool, checksums: bool = False
+    ) -> None:
         self.rec = Recording(seed, cow, size, growable)
         self.rng = random.Random(seed)
         if growable:
@@ -109,7 +111,7 @@ class Harness:
                 f.truncate((MAX_SNAPS + 2) * size + 64 * BS)
         self.dev = RecordingDevice(str(path))
         self.dev.lock()
-        pool = Pool.format(self.dev, BS, size, growable, cache_bytes=8 << 20)
+        pool = Pool.format(self.dev, BS, size, growable, cache_bytes=8 << 20, checksums=checksums)
         self.engine = Engine(self.dev, pool, cow, 8 << 20)
         self.model = Model(size, BS)
         self.state = 0
@@ -459,9 +461,11 @@ def close_export(engine: Engine, ex: object) -> None:
 # --- the tests -------------------------------------------------------------------------------
 
 
-def run_powercut(tmp_path: Path, seed: int, cow: str, size: int, growable: bool) -> Counter[str]:
+def run_powercut(
+    tmp_path: Path, seed: int, cow: str, size: int, growable: bool, checksums: bool
+) -> Counter[str]:
     t0 = time.monotonic()
-    rec = Harness(tmp_path / "pool.img", seed, cow, size, growable).run(OPS)
+    rec = Harness(tmp_path / "pool.img", seed, cow, size, growable, checksums).run(OPS)
     v = Verifier(rec, tmp_path / "crash.img")
     rng = random.Random(seed * 7919 + (cow == "copy"))
     plans: list[CrashPlan] = []
@@ -479,7 +483,8 @@ def run_powercut(tmp_path: Path, seed: int, cow: str, size: int, growable: bool)
     c["commits"] = sum(1 for op in rec.ops if op.is_superblock)
     dt = time.monotonic() - t0
     print(
-        f"\npowercut seed={seed} cow={cow} size={size >> 10}KiB growable={growable}: "
+        f"\npowercut seed={seed} cow={cow} size={size >> 10}KiB growable={growable} "
+        f"checksums={checksums}: "
         f"{summary(c)}; {dt:.1f}s"
     )
     TOTALS.update(c)
@@ -499,29 +504,44 @@ def summary(c: Counter[str]) -> str:
     )
 
 
-CONFIGS = [
-    ("move", 256 << 10, True),
-    ("copy", 256 << 10, True),
-    ("move", 512 << 10, False),
-    ("copy", 512 << 10, False),
-    ("move", 1 << 20, True),
-    ("copy", 1 << 20, True),
+CONFIGS = [  # (cow, live size, growable image, data checksums)
+    ("move", 256 << 10, True, False),
+    ("copy", 256 << 10, True, False),
+    ("move", 512 << 10, False, False),
+    ("copy", 512 << 10, False, False),
+    ("move", 1 << 20, True, False),
+    ("copy", 1 << 20, True, False),
+    ("move", 512 << 10, False, True),
+    ("copy", 256 << 10, True, True),
 ]
+MIN_STATES_PER_CASE = 150
+# the figure the closing notes quote: all cases of the default seeds, in one run
+MIN_TOTAL_STATES = 10_000 if "DITTOFS_SEED" not in os.environ and OPS >= 110 else 0
+RUNS: list[str] = []
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
-    ("cow", "size", "growable"),
+    ("cow", "size", "growable", "checksums"),
     CONFIGS,
-    ids=[f"{c}-{s >> 10}k-{'grow' if g else 'fixed'}" for c, s, g in CONFIGS],
+    ids=[
+        f"{c}-{s >> 10}k-{'grow' if g else 'fixed'}{'-csum' if k else ''}" for c, s, g, k in CONFIGS
+    ],
 )
-def test_powercut_replay(tmp_path: Path, seed: int, cow: str, size: int, growable: bool) -> None:
-    c = run_powercut(tmp_path, seed, cow, size, growable)
-    assert c["states"] > 50
-    assert c["torn"] and c["subset"] and c["reorder"]
+def test_powercut_replay(
+    tmp_path: Path, seed: int, cow: str, size: int, growable: bool, checksums: bool
+) -> None:
+    c = run_powercut(tmp_path, seed, cow, size, growable, checksums)
+    assert c["states"] >= MIN_STATES_PER_CASE, summary(c)
+    assert c["torn"] and c["subset"] and c["reorder"], summary(c)
+    RUNS.append(f"{seed}-{cow}-{size}-{growable}-{checksums}")
 
 
 def test_powercut_totals() -> None:
-    """Runs last in this module: the totals of every replay above (see them with -s)."""
-    if TOTALS:
-        print(f"\npowercut totals: {summary(TOTALS)}")
+    """Runs last in this module: every case above ran, and together they replayed at least
+    MIN_TOTAL_STATES crash states, every one verified (a loss fails its case)."""
+    assert len(RUNS) == len(SEEDS) * len(CONFIGS), (
+        f"only {len(RUNS)} of {len(SEEDS) * len(CONFIGS)} replays ran: run the whole module"
+    )
+    print(f"\npowercut totals: {summary(TOTALS)}")
+    assert TOTALS["states"] >= MIN_TOTAL_STATES, summary(TOTALS)

@@ -2,10 +2,15 @@
 own ranges of self-describing 4 KiB slots of live and know, per slot, which write a FLUSH or FUA
 made durable; a snapshot thread that knows what each snapshot it created may hold. `mark`, when
 given, returns the current position in the server's I/O log, so a crash image cut from that log
-can be told which acknowledgements it must honour."""
+can be told which acknowledgements it must honour.
+
+Nothing swallows an error: each one is recorded with whether the server had already been killed
+(`killed`, set by the test just before the kill). `unexplained()` lists those a test must fail
+on: any error before the kill, and after it any that is not the cut connection itself."""
 
 from __future__ import annotations
 
+import errno
 import random
 import threading
 import time
@@ -24,6 +29,35 @@ from fsimpl.errors import DittoError
 SLOT = 4096
 MAX_SNAPS = 3
 Mark = Callable[[], int] | None
+CUT = {"ECONNRESET", "EPIPE", "ENOTCONN", "ESHUTDOWN", "ECONNREFUSED", "ENOENT"}
+
+
+def cut_connection(e: BaseException) -> bool:
+    """Is this what a client sees when the server dies under it (and nothing else)?"""
+    if isinstance(e, nbd.Error):
+        code = e.errno if isinstance(e.errno, str) else errno.errorcode.get(e.errno or 0, "")
+        return code in CUT or (code == "EINVAL" and "invalid state: DEAD" in str(e))
+    if isinstance(e, OSError):  # the control socket
+        return e.errno in (errno.ECONNRESET, errno.EPIPE, errno.ECONNREFUSED, errno.ENOENT)
+    # a control request cut in the middle: the client says it lost or could not reach the server
+    said = str(e)
+    return any(
+        m in said for m in ("closed the connection", "cannot reach the pool's server", "lost the")
+    )
+
+
+@dataclass
+class Failure:
+    after_kill: bool
+    error: BaseException
+
+
+def unexplained(failures: list[Failure]) -> list[str]:
+    return [
+        f"{'after' if f.after_kill else 'BEFORE'} the kill: {type(f.error).__name__}: {f.error}"
+        for f in failures
+        if not (f.after_kill and cut_connection(f.error))
+    ]
 
 
 @dataclass
@@ -38,6 +72,7 @@ class Writer:
     flushes: int = 0
     # (log position once the acknowledgement was received, the floor it established)
     events: list[tuple[int, list[int]]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.floor = [0] * self.slots
@@ -47,7 +82,14 @@ class Writer:
     def base(self) -> int:
         return (self.cid - 1) * self.slots * SLOT
 
-    def run(self, h: nbd.NBD, rng: random.Random, stop: threading.Event, mark: Mark = None) -> None:
+    def run(
+        self,
+        h: nbd.NBD,
+        rng: random.Random,
+        stop: threading.Event,
+        mark: Mark = None,
+        killed: threading.Event | None = None,
+    ) -> None:
         try:
             while not stop.is_set():
                 k = rng.choice((1, 1, 1, 2, 4))
@@ -73,8 +115,8 @@ class Writer:
                     self.floor = [max(a, b) for a, b in zip(self.floor, acked, strict=True)]
                     if mark:
                         self.events.append((mark(), list(self.floor)))
-        except nbd.Error:
-            pass  # the server was killed under us
+        except nbd.Error as e:  # recorded, never swallowed: the test decides
+            self.failures.append(Failure(killed is None or killed.is_set(), e))
 
     def settle(self, seqs: list[int]) -> None:
         """After a restart: what the slots hold now is the committed state."""
@@ -109,6 +151,8 @@ class Snapshotter:
         self.snaps = snaps
         self.serial = 0
         self.counts: Counter[str] = Counter()
+        self.failures: list[Failure] = []
+        self.killed: threading.Event | None = None
 
     def _call(self, op: str, args: dict[str, Any]) -> Any:
         c = SocketClient(str(self.srv.control), timeout=20)
@@ -140,8 +184,8 @@ class Snapshotter:
                     self.snaps[name].deleted_at = self.mark()
                     self.snaps[name].state = "deleted"
                     self.counts["deleted"] += 1
-        except (DittoError, OSError):
-            pass  # killed under us: the request in flight stays unanswered
+        except (DittoError, OSError) as e:  # the request in flight stays unanswered
+            self.failures.append(Failure(self.killed is None or self.killed.is_set(), e))
         for snap in self.snaps.values():
             if snap.hi is None:  # an unanswered create: bounded by what was ever issued
                 snap.hi = [list(w.issued) for w in self.writers]

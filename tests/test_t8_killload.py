@@ -28,11 +28,12 @@ from pathlib import Path
 
 from harness import NbdkitServer
 from t8_helpers import check_image, close_quietly, describe
-from t8_load import Snap, Snapshotter, Writer, verify_export
+from t8_load import Snap, Snapshotter, Writer, unexplained, verify_export
 
 from fsimpl.client import SocketClient
 
 ROUNDS = int(os.environ.get("DITTOFS_KILL_ROUNDS", "110"))
+MIN_ROUNDS = 100 if "DITTOFS_KILL_ROUNDS" not in os.environ else ROUNDS
 SLOT = 4096
 SIZE = 2 << 20
 CLIENTS = 3
@@ -64,11 +65,14 @@ def test_kill_minus_9_under_load(tmp_path: Path) -> None:
             if r:
                 verify_round(srv, writers, snaps, why, totals, check_online=r % 10 == 0)
 
-            stop = threading.Event()
+            stop, killed = threading.Event(), threading.Event()
             handles = [srv.connect("live") for _ in writers]
             shot = Snapshotter(srv, writers, snaps)
+            shot.killed = killed
             threads_ = [
-                threading.Thread(target=w.run, args=(h, random.Random(rng.random()), stop))
+                threading.Thread(
+                    target=w.run, args=(h, random.Random(rng.random()), stop, None, killed)
+                )
                 for w, h in zip(writers, handles, strict=True)
             ]
             threads_.append(
@@ -77,11 +81,18 @@ def test_kill_minus_9_under_load(tmp_path: Path) -> None:
             for t in threads_:
                 t.start()
             time.sleep(rng.uniform(0.05, 0.35))
+            killed.set()
             srv.kill()  # SIGKILL, at whatever the server was doing
             stop.set()
             for t in threads_:
                 t.join(30)
                 assert not t.is_alive(), f"{why}: a client hung after the kill"
+            failures = [f for w in writers for f in w.failures] + shot.failures
+            bad = unexplained(failures)
+            assert not bad, f"{why}: errors not caused by the kill: {bad[:5]}"
+            totals["cut errors"] += len(failures)
+            for w in writers:
+                w.failures.clear()
             for h in handles:
                 close_quietly(h)
             totals.update(shot.counts)
@@ -104,9 +115,11 @@ def test_kill_minus_9_under_load(tmp_path: Path) -> None:
         f"{totals['writes']} writes, {totals['flushes']} flushes, {totals['created']} "
         f"snapshots created, {totals['deleted']} deleted, {totals['verified_snaps']} snapshot "
         f"reads verified, {totals['unflushed_kept']} unflushed slots survived, "
-        f"{totals['unflushed_lost']} rolled back to their floor; {time.monotonic() - t0:.1f}s"
+        f"{totals['unflushed_lost']} rolled back to their floor, {totals['cut errors']} "
+        f"errors from the cut connections and none other; {time.monotonic() - t0:.1f}s"
     )
-    assert totals["kills"] >= 100 or ROUNDS < 100
+    assert totals["kills"] == ROUNDS >= MIN_ROUNDS, totals
+    assert totals["checks"] == ROUNDS, totals
     assert totals["created"] and totals["deleted"] and totals["flushes"]
 
 

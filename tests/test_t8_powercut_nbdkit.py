@@ -43,7 +43,7 @@ from harness import REPO, NbdkitServer
 from support.iolog import read_log
 from support.logcheck import SLOT_UNUSABLE
 from t8_helpers import check_image, close_quietly, describe
-from t8_load import Snap, Snapshotter, Writer, verify_export
+from t8_load import Snap, Snapshotter, Writer, unexplained, verify_export
 
 from fsimpl.client import SocketClient
 from fsimpl.layout import SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE
@@ -89,23 +89,29 @@ def test_power_cuts_through_a_real_nbdkit(tmp_path: Path, cow: str) -> None:
 
     try:
         srv.start()
-        stop = threading.Event()
+        stop, killed = threading.Event(), threading.Event()
         handles = [srv.connect("live") for _ in writers]
         shot = Snapshotter(srv, writers, snaps, mark=mark)
+        shot.killed = killed
         threads = [
-            threading.Thread(target=w.run, args=(h, random.Random(rng.random()), stop, mark))
+            threading.Thread(
+                target=w.run, args=(h, random.Random(rng.random()), stop, mark, killed)
+            )
             for w, h in zip(writers, handles, strict=True)
         ]
         threads.append(threading.Thread(target=shot.run, args=(random.Random(7), stop, 0)))
         for t in threads:
             t.start()
         time.sleep(LOAD_SECONDS)
+        killed.set()
         srv.kill()  # the power cut itself may come at any point: the replay picks them
         stop.set()
         for t in threads:
             t.join(30)
         for h in handles:
             close_quietly(h)
+        bad = unexplained([f for w in writers for f in w.failures] + shot.failures)
+        assert not bad, f"errors under load not caused by the kill: {bad[:5]}"
     finally:
         srv.kill()
 

@@ -25,7 +25,15 @@ from typing import Any
 
 from .device import Device
 from .errors import DittoError, InvalidArgument, NotFound, Refused
-from .layout import OP_DELETE, ROLE_STANDBY, SNAP_ACTIVE, SnapshotRecord
+from .layout import (
+    OP_DELETE,
+    OP_FLATTEN,
+    OP_RECEIVE,
+    OP_ROLLBACK,
+    ROLE_STANDBY,
+    SNAP_ACTIVE,
+    SnapshotRecord,
+)
 from .names import check_name
 from .opening import read_only_disk
 from .txn import Pool
@@ -225,6 +233,17 @@ class EngineCore:
         """Refuse a snapshot that does not cover the volume."""
         if rec.id not in vol.shadows:
             raise NotFound(f"snapshot '{rec.name}' does not cover volume {vol.name}")
+
+    @staticmethod
+    def busy_with(vol: Volume) -> str:
+        """What the volume's pending operation is, for a refusal that must wait for it."""
+        return {
+            OP_ROLLBACK: "being rolled back",
+            OP_DELETE: "being deleted",
+            OP_FLATTEN: "being flattened",
+            OP_RECEIVE: "receiving a replication stream (resume it with 'snapctl send "
+            "--resume', or discard it with 'snapctl receive --abort')",
+        }.get(vol.inode.op, "busy")
 
     def is_standby(self) -> bool:
         sb = self.pool.sb

@@ -90,7 +90,9 @@ class SnapshotOps(OperationModule):
                 )
             for vol in vols:
                 if vol.inode.op not in (OP_NONE, OP_FLATTEN):
-                    raise Refused(f"volume {vol.name} is being rolled back; try again after")
+                    raise Refused(
+                        f"volume {vol.name} is {self.core.busy_with(vol)}; try again after"
+                    )
             self.core.check_snapshot_room()
             flags = (SNAPF_WRITABLE if writable else 0) | (SNAPF_REPLICATION if replication else 0)
             rec = self.pool.create_snapshot(name, vols, flags)

@@ -10,7 +10,8 @@ by writing SPEC. Cases:
   connection to a volume or a writable snapshot opened before it is told too; a read-only
   snapshot's connection goes on; after a reconnect each reads its durable state;
 * EIO reading a data block fails that request only; the others are served; the log has one
-  line naming the export and the offset, and `info` counts a read error;
+  line naming the export and the offset, and `info` counts a read error; EIO reading a
+  block-map leaf fails the requests that need it, and the leaf reads again once the disk does;
 * EIO or ENOSPC from the device while a commit writes metadata is a failed commit;
 * an image file on a full host file system (a small tmpfs): the writer is told, the server
   goes on serving once there is room, and every acknowledged FLUSH survives a restart.
@@ -31,9 +32,10 @@ import pytest
 from harness import NbdkitServer, require
 from support.data import pattern
 from support.logcheck import COMMIT_FAILED
-from t8_helpers import close_quietly, nbd_errno
+from t8_helpers import close_quietly, metadata_blocks, nbd_errno
 
 from fsimpl.engine import Engine
+from fsimpl.layout import BT_MAP_LEAF
 
 BS = 4096
 SIZE = 1 << 20
@@ -286,3 +288,35 @@ def test_an_image_on_a_full_host_file_system(servers: Any, small_fs: Path) -> No
         assert h.pread(len(data), o) == data, f"acknowledged data at {o} lost after a restart"
     close_quietly(h)
     assert srv.snapctl("check").returncode == 0
+
+
+@pytest.mark.engine_log(r"export live, (read|write) at offset \d+, length \d+: read of .*injected")
+def test_a_metadata_read_error_fails_the_requests_that_need_it(
+    servers: Any, tmp_path: Path
+) -> None:
+    """A block-map leaf the disk cannot read: requests through it fail with EIO, the rest of
+    the pool is served, and once the disk reads again so does the leaf (nothing was cached
+    wrong, nothing was marked bad)."""
+    fs = FaultyServer(servers, tmp_path, size=str(SIZE), params={"block-size": "4K"})
+    srv = fs.srv.start()
+    srv.snapctl("volume", "create", "vol2", "--size", str(SIZE))
+    for name, tag in (("live", 1), ("vol2", 2)):
+        h = srv.connect(name)
+        h.pwrite(pattern(tag, 16 * BS), 0)
+        h.flush()
+        close_quietly(h)
+    srv.stop()
+    blocks, _ = metadata_blocks(srv.disk)
+    leaf = next(b for b in blocks if b.tree == "live map" and b.btype == BT_MAP_LEAF)
+    fs.arm({"op": "read", "count": None, "block": leaf.addr, "block_size": BS})
+    srv.start()  # the leaf is read on first use, not at open
+    h = srv.connect("live")
+    expect_errno(errno.EIO, h.pread, BS, 0)
+    expect_errno(errno.EIO, h.pwrite, pattern(3, BS), 0)
+    v = srv.connect("vol2")
+    assert v.pread(16 * BS, 0) == pattern(2, 16 * BS)  # another volume's map: served
+    close_quietly(v)
+    assert fs.info()["errors"]["read"] >= 2
+    fs.arm()
+    assert h.pread(16 * BS, 0) == pattern(1, 16 * BS)
+    close_quietly(h)

@@ -73,6 +73,9 @@ class EngineCore:
         # the connection's unflushed writes may be gone and it is told. Never reset: a reload
         # from disk cannot bring a failure back to a count a connection already saw.
         self.failures = 0
+        # a failback in progress: live is read-only until the peer holds the final snapshot.
+        # Kept in memory only, so a crash in the middle brings the pool back a primary.
+        self.handing_over = False
         self.endpoint: Any = None  # the standby replication endpoint, when this process runs one
 
     # --- the pool's lifetime ------------------------------------------------------------------
@@ -246,8 +249,9 @@ class EngineCore:
         }.get(vol.inode.op, "busy")
 
     def is_standby(self) -> bool:
+        """Live is read-only: a standby, a superseded primary, or one handing its role over."""
         sb = self.pool.sb
-        return sb.role == ROLE_STANDBY or bool(sb.superseded)
+        return sb.role == ROLE_STANDBY or bool(sb.superseded) or self.handing_over
 
     def reverted_exports(self) -> str:
         """What a failed commit reverts: every volume, and every writable snapshot (read-only

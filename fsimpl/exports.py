@@ -172,6 +172,11 @@ class ExportRequests:
         core = self.core
         vol = self._volume_for(ex)
         if core.is_standby():
+            if core.handing_over:
+                raise ReadOnlyExport(
+                    f"export {ex.name} is read-only: this pool is handing the primary role to "
+                    "its peer (standby failback)"
+                )
             raise ReadOnlyExport(
                 f"export {ex.name} is read-only: this pool is a standby (fed by its primary)"
                 + (

@@ -86,7 +86,8 @@ class StandbyRoles(OperationModule):
 
     def begin_handover(self, force: bool) -> str:
         """Failback's first step (FIG. 15D): live turns read-only, so the final snapshot is
-        final, and every writer's connection fails from now on. Returns the peer's address."""
+        final, and every writer's connection fails from now on. In memory only: a crash before
+        end_handover leaves the pool the primary it was. Returns the peer's address."""
         with self.lock:
             sb = self.pool.sb
             if sb.role != ROLE_PRIMARY or not sb.peer:
@@ -97,11 +98,44 @@ class StandbyRoles(OperationModule):
                     f"live has {writers} client connection(s): stop them, or add --force "
                     "(live turns read-only first)"
                 )
-            sb.role = ROLE_STANDBY
-            self.pool.sb_dirty = True
-            self.core.commit()
+            self.core.handing_over = True
             self.core.fail_connections()
             return sb.peer
+
+    def end_handover(self, handed: bool) -> None:
+        """Failback's last step: the peer is primary now (handed: this pool becomes its
+        standby, one commit), or the handover failed (this pool stays primary)."""
+        with self.lock:
+            self.core.handing_over = False
+            if handed:
+                self.set_role(ROLE_STANDBY)
+
+    def change_role_restoring(
+        self, role: int, restore: str | None, newer_too: bool = False
+    ) -> list[str]:
+        """Become role with live restored to snapshot `restore` (promote: the last complete
+        snapshot; demote: the last one the peer holds, destroying the newer ones and their
+        holds), all in one transaction: after a crash the pool is wholly in its old role or
+        wholly in the new one. Returns the snapshots destroyed."""
+
+        def to_role() -> None:
+            sb = self.pool.sb
+            sb.role = role
+            sb.superseded = 0
+            self.pool.sb_dirty = True
+
+        if restore is None:
+            with self.lock:
+                to_role()
+                self.core.commit()
+            return []
+        return self.snapshots.rollback(
+            restore,
+            destroy_newer=newer_too,
+            force=True,
+            release_holds=newer_too,
+            with_change=to_role,
+        )
 
     # --- replication snapshots ------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ from the shadow maps and their counters, never from data.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -283,11 +284,18 @@ class SnapshotOps(OperationModule):
         destroy_newer: bool = False,
         force: bool = False,
         progress: Progress | None = None,
+        release_holds: bool = False,
+        with_change: Callable[[], None] | None = None,
     ) -> list[str]:
         """Make the volume read exactly what snapshot name held (the patent's restore). Newer
         snapshots must go first (destroy_newer does it); connected clients must be gone unless
         force, after which their requests fail until they reconnect. Returns the names of the
-        snapshots destroyed."""
+        snapshots destroyed.
+
+        For role changes (roles.py), which must be all or nothing across a crash:
+        release_holds drops the newer snapshots' holds instead of refusing, and with_change
+        makes another change to the pool; both commit in the one transaction that starts the
+        rollback."""
         with self.lock:
             rec = self.core.snapshot(name)
             vol = self.core.volume(volume)
@@ -305,7 +313,11 @@ class SnapshotOps(OperationModule):
                     "delete them first, or add --destroy-newer"
                 )
             held = [r for r in newer if r.holds]
-            if held:
+            if held and release_holds:
+                for r in held:
+                    r.holds.clear()
+                    self.pool.touch_snapshot(r)
+            elif held:
                 raise Refused(
                     "newer snapshots are held and cannot be destroyed: "
                     + ", ".join(f"{r.name} ({', '.join(r.holds)})" for r in held)
@@ -327,6 +339,8 @@ class SnapshotOps(OperationModule):
             vol.inode.op_target = rec.id
             vol.inode.incarnation += 1
             self.pool.touch_inode(vol.inode)
+            if with_change is not None:
+                with_change()
             self.core.commit()
             ino, sid = vol.ino, rec.id
 

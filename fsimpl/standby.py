@@ -442,9 +442,7 @@ def promote(engine: Engine, identity: str, key: bytes, force: bool = False) -> d
     if engine.resume_token() is not None:
         engine.abort_receive()
     last = _newest_snapshot(engine)
-    if last is not None:
-        engine.rollback(last, force=True)
-    engine.roles.set_role(ROLE_PRIMARY, address)
+    engine.roles.change_role_restoring(ROLE_PRIMARY, last)  # one transaction
     return {"role": "primary", "restored": last, "peer": address}
 
 
@@ -457,7 +455,6 @@ def demote(
     """FIG. 15C: an old primary rejoins as standby: live goes back to the last snapshot its
     peer acknowledged; the change it discards can be saved first (save_diverged(base, tip))."""
     state = engine.roles.state()
-    address = state.peer
     try:
         base = engine.snapshot_by_guid(state.last_common_guid).name
     except NotFound:
@@ -475,12 +472,8 @@ def demote(
         save_diverged(base, tip)
         saved = tip
         newer.append(tip)
-    for name in newer:
-        rec = engine.snapshot(name)
-        for tag in list(rec.holds):
-            engine.release(name, tag)
-    engine.rollback(base, destroy_newer=True, force=True)
-    engine.roles.set_role(ROLE_STANDBY, address)
+    # one transaction: the holds off the newer snapshots, the rollback begun, the role
+    engine.roles.change_role_restoring(ROLE_STANDBY, base, newer_too=True)
     return {
         "role": "standby",
         "restored": base,
@@ -497,15 +490,15 @@ def failback(
     address = engine.roles.begin_handover(force)  # live is read-only from here on
     try:
         result = sync_as(engine, identity, key, address)
-    except DittoError:
-        engine.roles.set_role(ROLE_PRIMARY, address)  # the handover failed: stay primary
+        conn = connect_peer(address, identity, key)
+        try:
+            conn.call("set_role", role="primary", peer=me)
+        finally:
+            conn.close()
+    except BaseException:
+        engine.roles.end_handover(handed=False)  # the handover failed: stay primary
         raise
-    conn = connect_peer(address, identity, key)
-    try:
-        conn.call("set_role", role="primary", peer=me)
-    finally:
-        conn.close()
-    engine.roles.set_role(ROLE_STANDBY, address)
+    engine.roles.end_handover(handed=True)
     return {"role": "standby", "final": result["snapshot"], "peer": address}
 
 

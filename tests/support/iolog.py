@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,9 @@ class RecordingDevice(Device):
         self.tag = 0
         self.call = 0
         self._in_pwritev = False
+        # called before each sync while recording: a test pairs each flush point with what
+        # else in the world (a peer pool) was true at that moment
+        self.before_sync: Callable[[], None] | None = None
 
     def start_recording(self) -> None:
         """From now on log everything into ops; `base` is the image as it is at this moment."""
@@ -113,6 +117,8 @@ class RecordingDevice(Device):
         self._log(Op("write", offset, b"".join(parts)))
 
     def sync(self) -> None:
+        if self.recording and self.before_sync is not None:
+            self.before_sync()
         super().sync()
         self._log(Op("sync"))  # logged once it returned: a completed flush point
 

@@ -48,7 +48,7 @@ BS = 4096
 SIZE = 256 << 10
 IDENTITY = "dittofs"
 KEY = os.urandom(32)
-MIN_STATES_PER_CASE = 6
+MIN_TOTAL_STATES = 160
 TOTALS: Counter[str] = Counter()
 
 
@@ -111,6 +111,7 @@ class Scenario:
     run: Callable[[Engine, Side], None]  # the operation on the crashed pool
     complete: Callable[[Engine, Engine, Side], None]  # after a crash: finish, then sync
     want_after: str  # the crashed pool's role once it is done
+    min_states: int  # distinct crash states it must reach (asserted)
 
 
 def _promote_setup(a: Engine, b: Engine, sa: Side, sb: Side) -> None:
@@ -163,6 +164,7 @@ SCENARIOS = [
         lambda e, s: standby.promote(e, IDENTITY, KEY, force=True),
         _promote_complete,
         "primary",
+        12,
     ),
     Scenario(
         "demote",
@@ -171,6 +173,7 @@ SCENARIOS = [
         lambda e, s: standby.demote(e, IDENTITY, KEY),
         _rejoin,
         "standby",
+        15,
     ),
     Scenario(
         "failback",
@@ -179,6 +182,7 @@ SCENARIOS = [
         lambda e, s: standby.failback(e, IDENTITY, KEY, s.address),
         _finish_failback,
         "standby",
+        45,
     ),
 ]
 
@@ -309,7 +313,7 @@ def test_power_cut_inside_a_role_change(
     TOTALS.update(counts)
     TOTALS["cases"] += 1
     print(f"\n{scenario.name} checksums={checksums}: {dict(counts)}")
-    assert counts["states"] >= MIN_STATES_PER_CASE, dict(counts)
+    assert counts["states"] >= scenario.min_states, dict(counts)
     assert counts["before"] and counts["after"], f"not both sides reached: {dict(counts)}"
 
 
@@ -317,3 +321,4 @@ def test_power_cut_role_totals() -> None:
     """Runs last in this module: every case ran; their crash states, in all."""
     assert TOTALS["cases"] == 2 * len(SCENARIOS), "run the whole module"
     print(f"\npower cuts inside role changes: {dict(TOTALS)}")
+    assert TOTALS["states"] >= MIN_TOTAL_STATES, dict(TOTALS)

@@ -12,7 +12,8 @@ sockets; the clients are fio's nbd engine, libnbd and nbdcopy; every image lives
 
 Workloads (full sizes; --size-scale multiplies every size, --quick shrinks sizes and counts):
   io      sequential write (empty volume, then overwrite) and read, 1 MiB requests over 1 GiB;
-          4 KiB random write and read at QD16 for --runtime s on blocks live owns; first write
+          4 KiB random write and read at QD16 for --runtime s on blocks live owns, and 4 KiB
+          random writes at QD1 with a FLUSH after each (fsync-heavy); first write
           after a snapshot of the fully written volume: sequential 1 MiB, then 4 KiB at QD16
           into every 64 KiB block once in random order (a fio replay log); delete of the
           snapshot the sequential first write left owning 1 GiB.
@@ -253,6 +254,13 @@ class Bench:
         res.row("seq_read", f"seq read 1M ({sz})", "MiB/s", "io")
         res.row("rand_write", "4K random write QD16, steady", "MiB/s", "io")
         res.row("rand_read", "4K random read QD16", "MiB/s", "io")
+        res.row(
+            "fsync_write",
+            "4K random write QD1, FLUSH after each",
+            "MiB/s",
+            "io",
+            note="fsync-heavy: every write is made durable before the next is sent",
+        )
         res.row("first_seq", "first write after snap: seq 1M", "MiB/s", "first")
         res.row("first_rand", "first write after snap: 4K rand QD16", "MiB/s", "first")
         res.row(
@@ -286,6 +294,8 @@ class Bench:
                     s.flush()
                     r = fio(uri, "randread", "4k", 16, size, runtime=c.runtime)
                     res.add("rand_read", key, mibs(r))
+                    r = fio(uri, "randwrite", "4k", 1, size, runtime=c.runtime, fsync=1)
+                    res.add("fsync_write", key, mibs(r))
                     if not s.snapshots:
                         continue
                     s.snap_create("first-seq")

@@ -405,8 +405,10 @@ def fio(
     offset: int = 0,
     number_ios: int | None = None,
     iolog: Path | None = None,
+    fsync: int = 0,
 ) -> dict[str, float]:
-    """One fio job with the nbd engine; returns bytes/s, IOPS, I/Os and seconds."""
+    """One fio job with the nbd engine; returns bytes/s, IOPS, I/Os and seconds. fsync=N: a
+    FLUSH after every N writes."""
     cmd = [
         "fio",
         "--name=bench",
@@ -430,6 +432,8 @@ def fio(
         cmd += [f"--runtime={int(runtime * 1000)}ms", "--time_based"]
     if number_ios:
         cmd += [f"--number_ios={number_ios}"]
+    if fsync:
+        cmd += [f"--fsync={fsync}"]
     cp = subprocess.run(cmd, capture_output=True, text=True)
     out = cp.stdout
     if cp.returncode != 0 or "{" not in out:

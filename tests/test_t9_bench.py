@@ -23,6 +23,7 @@ EXPECTED = {
     "seq_write": ALL,
     "seq_read": ALL,
     "rand_write": ALL,
+    "fsync_write": ALL,
     "rand_read": ALL,
     "first_seq": SNAP,
     "first_rand": SNAP,

@@ -25,6 +25,7 @@ from .layout import (
     BT_BITMAP,
     HEADER_SIZE,
     OWNER_BITMAP,
+    BlockPointer,
     bitmap_bits_per_block,
     first_data_block,
 )
@@ -73,7 +74,7 @@ class Allocator:
         self._mark_tail()
         self.dirty_leaves.update(range(self._leaf_count()))
 
-    def load(self, root: int, height: int) -> None:
+    def load(self, root: BlockPointer, height: int) -> None:
         self.tree = RadixTree(self.store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf, root, height)
         leaf_bytes = self.bits_per_leaf // 8
         for leaf_no, node in self.tree.iter_leaves():

@@ -17,6 +17,7 @@ from .layout import (
     EMPTY_ENTRY,
     ENTRY_SIZE,
     KIND_ADDR,
+    BlockPointer,
     Entry,
     InodeRecord,
     map_leaf_capacity,
@@ -34,9 +35,8 @@ class BlockMap:
         self.version = 0  # bumped on every change: keys caches derived from the entries
         self.index: ChainIndex | None = None  # a shadow map's volume's index, kept exact here
         self.capacity = map_leaf_capacity(store.block_size)
-        self.tree = RadixTree(
-            store, inode.ino, BT_MAP_LEAF, self.capacity, inode.root, inode.height
-        )
+        root = BlockPointer(inode.root, inode.root1, inode.root_gen, inode.root_csum)
+        self.tree = RadixTree(store, inode.ino, BT_MAP_LEAF, self.capacity, root, inode.height)
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -148,8 +148,9 @@ class BlockMap:
 
     def commit(self) -> None:
         self.tree.commit()
-        self.inode.root = self.tree.root_addr
-        self.inode.height = self.tree.height
+        inode, root = self.inode, self.tree.root
+        inode.root, inode.root1, inode.root_gen, inode.root_csum = root
+        inode.height = self.tree.height
 
     @property
     def dirty(self) -> bool:

@@ -34,6 +34,7 @@ from .replication import ByteSink, ByteSource, ReplicationStreams
 from .roles import StandbyRoles
 from .snapshot_ops import DEFAULT_HOLD_TAG, SnapshotInfo, SnapshotOps
 from .txn import DEFAULT_CACHE_BYTES, Pool
+from .upgrade import upgrade_disk
 from .volume import COW_MOVE, MERGE_DEFERRED, Volume
 from .volume_ops import VolumeOps
 
@@ -99,6 +100,11 @@ class Engine:
     ) -> dict[str, object]:
         """Make a pool on path (opening.format_disk)."""
         return format_disk(path, size, block_size, force, checksums)
+
+    @staticmethod
+    def upgrade(path: str) -> dict[str, object]:
+        """Upgrade the pool on path to this release's format version (upgrade.py)."""
+        return upgrade_disk(path)
 
     def claim(self, pid: int) -> None:
         self.core.claim(pid)

@@ -34,13 +34,17 @@ import re
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .errors import CorruptMetadata, NotAPool, UnsupportedFormat
 from .records import REQUIRED, Layout, RecordCodec, ondisk, reserved
 
 MAGIC = b"DITTOFS\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# Versions this code reads only to upgrade them (snapctl upgrade): a version 1 pool's interior
+# nodes hold bare 8-byte addresses instead of block pointers; every other record is a prefix
+# of its version 2 form.
+UPGRADABLE_VERSIONS = (1,)
 
 SUPERBLOCK_SIZE = 4096
 SUPERBLOCK_OFFSETS = (0, 4096)
@@ -146,9 +150,19 @@ class Superblock:
     recv_records: int = ondisk("Q", "receive in progress: stream records applied and committed")
     recv_name: str = ondisk("64s", "receive in progress: name of the snapshot being received", "")
     superseded: int = ondisk("B", "standby: the peer answered as primary since (1: superseded)")
+    # version 2: the roots are block pointers (second copy, generation, checksum of the root)
+    inode_root1: int = ondisk("Q", "inode table root: second copy (0: one copy)")
+    inode_root_gen: int = ondisk("Q", "inode table root: the generation that wrote it")
+    inode_root_csum: int = ondisk("I", "inode table root: its checksum")
+    snap_root1: int = ondisk("Q", "snapshot table root: second copy")
+    snap_root_gen: int = ondisk("Q", "snapshot table root: the generation that wrote it")
+    snap_root_csum: int = ondisk("I", "snapshot table root: its checksum")
+    bitmap_root1: int = ondisk("Q", "free-space bitmap root: second copy")
+    bitmap_root_gen: int = ondisk("Q", "free-space bitmap root: the generation that wrote it")
+    bitmap_root_csum: int = ondisk("I", "free-space bitmap root: its checksum")
 
 
-SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3503)
+SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3443)
 
 
 def pack_superblock(sb: Superblock) -> bytes:
@@ -167,7 +181,7 @@ def unpack_superblock(buf: bytes | bytearray, where: str) -> Superblock:
         raise NotAPool(f"{where}: no dittofs superblock (magic {sb.magic[:8]!r})")
     if sb.checksum != _crc(buf[:SUPERBLOCK_SIZE], BT_SUPER):
         raise CorruptMetadata(f"{where}: superblock checksum mismatch", -1, "superblock")
-    if sb.version != FORMAT_VERSION:
+    if sb.version != FORMAT_VERSION and sb.version not in UPGRADABLE_VERSIONS:
         raise UnsupportedFormat(
             f"{where}: pool format version {sb.version} is not supported by this dittofs "
             f"(it reads version {FORMAT_VERSION}); use the dittofs release that made it"
@@ -197,7 +211,8 @@ HEADER_LAYOUT = Layout(
         reserved(3),
         ("records", "I", "records in use"),
         ("key_base", "Q", "the first key the block covers"),
-        reserved(16),
+        ("address1", "Q", "the second copy's address (0: one copy)"),
+        reserved(8),
     ],
 )
 HEADER = HEADER_LAYOUT.struct
@@ -220,6 +235,7 @@ class BlockHeader(NamedTuple):
     level: int
     records: int
     key_base: int
+    address1: int
 
 
 assert list(BlockHeader._fields) == HEADER_LAYOUT.names[1:]
@@ -234,14 +250,27 @@ def seal_block(
     level: int,
     count: int,
     key_base: int,
-) -> None:
-    """Write the header and checksum into a metadata block buffer, in place."""
-    HEADER.pack_into(buf, 0, 0, btype, 1, address, generation, owner, level, count, key_base)
-    _CHECKSUM.pack_into(buf, 0, _crc(buf, btype))
+    address1: int = 0,
+) -> int:
+    """Write the header and checksum into a metadata block buffer, in place; returns the
+    checksum, which the pointer to the block carries."""
+    HEADER.pack_into(
+        buf, 0, 0, btype, 1, address, generation, owner, level, count, key_base, address1
+    )
+    crc = _crc(buf, btype)
+    _CHECKSUM.pack_into(buf, 0, crc)
+    return crc
 
 
-def open_block(buf: bytes | bytearray, address: int, expect_type: int) -> BlockHeader:
-    """Verify a metadata block read from `address`: checksum, type and self-address."""
+def open_block(
+    buf: bytes | bytearray,
+    address: int,
+    expect_type: int,
+    pointer: BlockPointer | None = None,
+) -> BlockHeader:
+    """Verify a metadata block read from `address`: checksum, type and self-address, and, given
+    the pointer that led to it, that it is the very version the pointer names (generation and
+    checksum): an older, valid-looking block left by a lost write is caught here."""
     checksum, *fields = HEADER.unpack_from(buf, 0)
     hdr = BlockHeader(*fields)
     btype = hdr.btype
@@ -259,9 +288,22 @@ def open_block(buf: bytes | bytearray, address: int, expect_type: int) -> BlockH
             address,
             tname,
         )
-    if hdr.address != address:
+    if hdr.address != address and not (hdr.address1 and hdr.address1 == address):
         raise CorruptMetadata(
             f"metadata block {address} ({tname}) claims address {hdr.address}: a misdirected "
+            "write; run 'snapctl check'",
+            address,
+            tname,
+        )
+    if (
+        pointer is not None
+        and pointer.generation
+        and (hdr.generation != pointer.generation or checksum != pointer.checksum)
+    ):
+        raise CorruptMetadata(
+            f"metadata block {address} ({tname}) is not the version its parent points to "
+            f"(generation {hdr.generation}, checksum {checksum:#010x}; expected generation "
+            f"{pointer.generation}, checksum {pointer.checksum:#010x}): a lost or misdirected "
             "write; run 'snapctl check'",
             address,
             tname,
@@ -289,34 +331,94 @@ def nonzero_records(buf: bytes | bytearray, record_size: int, first: int = 0) ->
         pos = HEADER_SIZE + (i + 1) * record_size
 
 
-def interior_fanout(block_size: int) -> int:
-    return (block_size - HEADER_SIZE) // 8
-
-
+POINTER_SIZE = 32
 POINTER_LAYOUT = Layout(
-    "interior node slot",
-    8,
-    [("child", "Q", "the child node's address (0: an absent subtree, all records zero)")],
+    "block pointer",
+    POINTER_SIZE,
+    [
+        ("addr0", "Q", "the child's first copy (0: an absent subtree, all records zero)"),
+        ("addr1", "Q", "the child's second copy (0: one copy)"),
+        ("generation", "Q", "the generation that wrote the child"),
+        ("checksum", "I", "the child's salted CRC-32, as its header holds it"),
+        reserved(4),
+    ],
 )
 POINTER = POINTER_LAYOUT.struct
+POINTER_V1_LAYOUT = Layout(
+    "version 1 interior node slot",
+    8,
+    [("child", "Q", "the child's address (read only by snapctl upgrade)")],
+)
 
 
-def get_pointer(buf: bytes | bytearray, slot: int) -> int:
-    return int(POINTER.unpack_from(buf, HEADER_SIZE + 8 * slot)[0])
+class BlockPointer(NamedTuple):
+    """Where a metadata block is and which version of it: an interior slot, a root."""
+
+    addr0: int
+    addr1: int = 0
+    generation: int = 0  # 0: not verifiable (a version 1 pool being upgraded)
+    checksum: int = 0
 
 
-def set_pointer(buf: bytearray, slot: int, address: int) -> None:
-    POINTER.pack_into(buf, HEADER_SIZE + 8 * slot, address)
+NO_POINTER = BlockPointer(0)
+assert list(BlockPointer._fields) == POINTER_LAYOUT.names
+ROOTS = ("inode", "snap", "bitmap")  # the superblock's three roots
 
 
-def child_pointers(buf: bytes | bytearray, fanout: int) -> tuple[int, ...]:
-    """Every slot of an interior node, in order (0 where a subtree is absent)."""
-    return _pointer_array(fanout).unpack_from(buf, HEADER_SIZE)
+def root_pointer(sb: Superblock, which: str) -> BlockPointer:
+    """The superblock's root of the inode table, the snapshot table or the bitmap."""
+    return BlockPointer(
+        getattr(sb, f"{which}_root"),
+        getattr(sb, f"{which}_root1"),
+        getattr(sb, f"{which}_root_gen"),
+        getattr(sb, f"{which}_root_csum"),
+    )
 
 
-@functools.lru_cache(maxsize=8)
-def _pointer_array(fanout: int) -> struct.Struct:
-    return struct.Struct("<" + POINTER_LAYOUT.struct.format.lstrip("<") * fanout)
+def root_fields(which: str, p: BlockPointer) -> dict[str, Any]:
+    """Superblock fields that store p as the root `which` (for dataclasses.replace)."""
+    return {
+        f"{which}_root": p.addr0,
+        f"{which}_root1": p.addr1,
+        f"{which}_root_gen": p.generation,
+        f"{which}_root_csum": p.checksum,
+    }
+
+
+def pointer_size(version: int) -> int:
+    return POINTER_SIZE if version >= 2 else POINTER_V1_LAYOUT.size
+
+
+def interior_fanout(block_size: int, version: int = FORMAT_VERSION) -> int:
+    return (block_size - HEADER_SIZE) // pointer_size(version)
+
+
+def get_pointer(buf: bytes | bytearray, slot: int) -> BlockPointer:
+    a0, a1, gen, crc = POINTER.unpack_from(buf, HEADER_SIZE + POINTER_SIZE * slot)
+    return BlockPointer(a0, a1, gen, crc)
+
+
+def set_pointer(buf: bytearray, slot: int, p: BlockPointer) -> None:
+    POINTER.pack_into(buf, HEADER_SIZE + POINTER_SIZE * slot, *p)
+
+
+def get_pointer_v1(buf: bytes | bytearray, slot: int) -> BlockPointer:
+    return BlockPointer(int(POINTER_V1_LAYOUT.struct.unpack_from(buf, HEADER_SIZE + 8 * slot)[0]))
+
+
+def set_pointer_v1(buf: bytearray, slot: int, p: BlockPointer) -> None:
+    raise AssertionError("version 1 pools are only read (to upgrade them), never written")
+
+
+def child_pointers(buf: bytes | bytearray, fanout: int) -> list[BlockPointer]:
+    """Every slot of a version 2 interior node, in order (NO_POINTER where absent)."""
+    words = _array(fanout, "QQQI4x").unpack_from(buf, HEADER_SIZE)
+    return [BlockPointer(*words[i : i + 4]) for i in range(0, len(words), 4)]
+
+
+@functools.lru_cache(maxsize=16)
+def _array(fanout: int, code: str) -> struct.Struct:
+    return struct.Struct("<" + code * fanout)
 
 
 # --- block-map entries -------------------------------------------------------------------------
@@ -451,9 +553,13 @@ class InodeRecord:
     referenced_blocks: int = ondisk("Q", "shadow: data blocks its view referenced when taken")
     name: str = ondisk("64s", "volume name (volumes only)", "")
     incomplete_blocks: int = ondisk("Q", "incomplete entries in the map (0: none to look for)")
+    # version 2: the map root is a block pointer
+    root1: int = ondisk("Q", "map root: second copy (0: one copy)")
+    root_gen: int = ondisk("Q", "map root: the generation that wrote it")
+    root_csum: int = ondisk("I", "map root: its checksum")
 
 
-INODE_CODEC = RecordCodec(InodeRecord, "inode record", INODE_RECORD_SIZE, reserved_tail=72)
+INODE_CODEC = RecordCodec(InodeRecord, "inode record", INODE_RECORD_SIZE, reserved_tail=52)
 _INODE_KIND = INODE_CODEC.layout.offset_of("kind")
 
 

@@ -1,10 +1,11 @@
 """Copy-on-write radix trees of metadata blocks, and the bounded cache they are read through.
 
 Every persistent map in a pool (a volume's block map, a snapshot's shadow map, the inode table,
-the snapshot table, the free-space bitmap) is a radix tree: interior nodes hold 8-byte child
-addresses, leaves hold fixed-size records. A key's leaf is `key // leaf_capacity`; an absent
-subtree (address 0) means "all records zero", which is why a new snapshot's shadow map costs
-nothing: it is an empty tree.
+the snapshot table, the free-space bitmap) is a radix tree: interior nodes hold block pointers
+(the child's address, and the generation and checksum of the very version written there, so a
+lost or misdirected write is caught on read), leaves hold fixed-size records. A key's leaf is
+`key // leaf_capacity`; an absent subtree (address 0) means "all records zero", which is why a
+new snapshot's shadow map costs nothing: it is an empty tree.
 
 Copy-on-write rules (the crash-safety argument rests on them):
 * A committed node is never modified in place. The first change in a transaction turns it
@@ -28,26 +29,32 @@ from .device import Device
 from .errors import CorruptMetadata
 from .layout import (
     BT_INTERIOR,
+    FORMAT_VERSION,
     HEADER_SIZE,
-    child_pointers,
+    NO_POINTER,
+    BlockPointer,
     get_pointer,
+    get_pointer_v1,
     interior_fanout,
     nonzero_records,
     open_block,
+    pointer_size,
     seal_block,
     set_pointer,
+    set_pointer_v1,
 )
 
 
 class Node:
     """One metadata block in memory."""
 
-    __slots__ = ("buf", "level", "addr", "dirty", "children", "count", "mask")
+    __slots__ = ("buf", "level", "addr", "dirty", "children", "count", "mask", "pointer")
 
     def __init__(self, buf: bytearray, level: int, addr: int, count: int = 0) -> None:
         self.buf = buf
         self.level = level
         self.addr = addr  # where it lives on disk; 0 while dirty or new
+        self.pointer = NO_POINTER  # the pointer to it as committed (clean nodes)
         self.dirty = False
         self.children: dict[int, Node] = {}  # interior: dirty children, pinned
         self.count = count  # leaf: records in use
@@ -60,10 +67,16 @@ RECENT_LEAVES = 32  # per tree
 class MetaStore:
     """Reads, caches and writes metadata blocks for every tree of one pool."""
 
-    def __init__(self, device: Device, block_size: int, cache_bytes: int) -> None:
+    def __init__(
+        self, device: Device, block_size: int, cache_bytes: int, version: int = FORMAT_VERSION
+    ) -> None:
         self.device = device
         self.block_size = block_size
-        self.fanout = interior_fanout(block_size)
+        self.version = version  # a version 1 store only reads (snapctl upgrade)
+        self.fanout = interior_fanout(block_size, version)
+        self.pointer_size = pointer_size(version)
+        self.get_pointer = get_pointer if version >= 2 else get_pointer_v1
+        self.set_pointer = set_pointer if version >= 2 else set_pointer_v1
         self.cache: OrderedDict[int, Node] = OrderedDict()
         self.cache_limit = max(16, cache_bytes // block_size)
         self.generation = 0  # the generation the open transaction will commit as
@@ -74,18 +87,22 @@ class MetaStore:
         self.nodes_written = 0
         self.dirty_nodes = 0  # dirtied or created since the last commit (an upper bound)
 
-    def load(self, addr: int, btype: int, level: int) -> Node:
+    def load(self, ptr: BlockPointer, btype: int, level: int) -> Node:
+        """The node ptr points to, verified: checksum, type, address, and that it is the
+        version ptr names."""
+        addr = ptr.addr0
         node = self.cache.get(addr)
-        if node is not None:
+        if node is not None and (not ptr.generation or node.pointer == ptr):
             self.cache.move_to_end(addr)
             return node
         buf = self.device.pread(self.block_size, addr * self.block_size)
         try:
-            hdr = open_block(buf, addr, btype)
+            hdr = open_block(buf, addr, btype, ptr)
         except CorruptMetadata:
             self.device.stats.checksum_errors += 1
             raise
         node = Node(buf, hdr.level, addr, hdr.records)
+        node.pointer = ptr
         self.nodes_read += 1
         self.cache[addr] = node
         if len(self.cache) > self.cache_limit:
@@ -114,17 +131,20 @@ class MetaStore:
         owner: int,
         key_base: int,
         allocate: Callable[[], int] | None = None,
-    ) -> int:
+    ) -> BlockPointer:
+        """Write node at a fresh address; returns the pointer its parent (or owner) keeps."""
         addr = (allocate or self.allocate_address)()
-        seal_block(node.buf, btype, addr, self.generation, owner, node.level, node.count, key_base)
+        gen = self.generation
+        crc = seal_block(node.buf, btype, addr, gen, owner, node.level, node.count, key_base)
         self.device.pwrite(node.buf, addr * self.block_size)
         self.nodes_written += 1
         node.addr = addr
         node.dirty = False
+        node.pointer = BlockPointer(addr, 0, gen, crc)
         self.cache[addr] = node
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
-        return addr
+        return node.pointer
 
     def new_node(self, level: int) -> Node:
         node = Node(bytearray(self.block_size), level, 0)
@@ -153,14 +173,14 @@ class RadixTree:
         owner: int,
         leaf_type: int,
         leaf_capacity: int,
-        root: int = 0,
+        root: BlockPointer = NO_POINTER,
         height: int = 0,
     ) -> None:
         self.store = store
         self.owner = owner
         self.leaf_type = leaf_type
         self.leaf_capacity = leaf_capacity
-        self.root_addr = root
+        self.root = root  # the committed root (NO_POINTER: empty, or dirty: see root_node)
         self.height = height  # interior levels above the leaves
         self.root_node: Node | None = None  # pinned only while dirty
         self.fanout = store.fanout
@@ -172,8 +192,12 @@ class RadixTree:
     # --- reading ------------------------------------------------------------------------------
 
     @property
+    def root_addr(self) -> int:
+        return self.root.addr0
+
+    @property
     def is_empty(self) -> bool:
-        return self.root_addr == 0 and self.root_node is None
+        return self.root.addr0 == 0 and self.root_node is None
 
     @property
     def is_dirty(self) -> bool:
@@ -185,9 +209,9 @@ class RadixTree:
     def _root(self) -> Node | None:
         if self.root_node is not None:
             return self.root_node
-        if self.root_addr == 0:
+        if self.root.addr0 == 0:
             return None
-        return self.store.load(self.root_addr, self._type_at(self.height), self.height)
+        return self.store.load(self.root, self._type_at(self.height), self.height)
 
     def leaf(self, leaf_no: int) -> Node | None:
         """The leaf holding records [leaf_no * capacity, ...), or None if it is absent."""
@@ -213,14 +237,15 @@ class RadixTree:
         if leaf_no >= span * fan:
             return None
         load = self.store.load
+        get_ptr = self.store.get_pointer
         while level > 0:
             slot = (leaf_no // span) % fan
             child = node.children.get(slot) if node.dirty else None
             if child is None:
-                addr = get_pointer(node.buf, slot)
-                if addr == 0:
+                ptr = get_ptr(node.buf, slot)
+                if ptr.addr0 == 0:
                     return None
-                child = load(addr, self.leaf_type if level == 1 else BT_INTERIOR, level - 1)
+                child = load(ptr, self.leaf_type if level == 1 else BT_INTERIOR, level - 1)
             node = child
             level -= 1
             span //= fan
@@ -246,15 +271,15 @@ class RadixTree:
                 continue
             child = node.children.get(slot) if node.dirty else None
             if child is None:
-                addr = get_pointer(node.buf, slot)
-                child = self.store.load(addr, self._type_at(level - 1), level - 1)
+                ptr = self.store.get_pointer(node.buf, slot)
+                child = self.store.load(ptr, self._type_at(level - 1), level - 1)
             if level == 1:
                 yield child_base, child
             else:
                 yield from self._iter(child, level - 1, child_base, start)
 
     def _present_slots(self, node: Node, first: int) -> list[int]:
-        slots = nonzero_records(node.buf, 8, first)
+        slots = nonzero_records(node.buf, self.store.pointer_size, first)
         if node.dirty and node.children:
             slots = sorted({*slots, *(s for s in node.children if s >= first)})
         return slots
@@ -269,9 +294,9 @@ class RadixTree:
                 if old.dirty:
                     new_root.children[0] = old
                 else:
-                    set_pointer(new_root.buf, 0, old.addr)
+                    self.store.set_pointer(new_root.buf, 0, self.root)
             self.root_node = new_root
-            self.root_addr = 0
+            self.root = NO_POINTER
             self.height += 1
 
     def _dirty_root(self) -> Node:
@@ -281,7 +306,7 @@ class RadixTree:
         else:
             self.store.make_dirty(node)
         self.root_node = node
-        self.root_addr = 0
+        self.root = NO_POINTER
         return node
 
     def leaf_for_write(self, leaf_no: int) -> Node:
@@ -300,13 +325,13 @@ class RadixTree:
             slot = (leaf_no // span) % fan
             child = node.children.get(slot)
             if child is None:
-                addr = get_pointer(node.buf, slot)
-                if addr == 0:
+                ptr = store.get_pointer(node.buf, slot)
+                if ptr.addr0 == 0:
                     child = store.new_node(level - 1)
                 else:
-                    child = store.load(addr, self._type_at(level - 1), level - 1)
+                    child = store.load(ptr, self._type_at(level - 1), level - 1)
                     store.make_dirty(child)
-                    set_pointer(node.buf, slot, 0)
+                    store.set_pointer(node.buf, slot, NO_POINTER)
                 node.children[slot] = child
             node = child
             level -= 1
@@ -322,7 +347,7 @@ class RadixTree:
         self._recent.clear()
         if self.height == 0:
             self.root_node = None
-            self.root_addr = 0
+            self.root = NO_POINTER
             return node
         parent = self._parent_for_write(leaf_no)
         del parent.children[leaf_no % self.fanout]
@@ -335,7 +360,7 @@ class RadixTree:
         self._grow_to(leaf_no)
         if self.height == 0:
             self.root_node = leaf
-            self.root_addr = 0
+            self.root = NO_POINTER
             return
         parent = self._parent_for_write(leaf_no)
         parent.children[leaf_no % self.fanout] = leaf
@@ -350,13 +375,13 @@ class RadixTree:
             slot = (leaf_no // span) % fan
             child = node.children.get(slot)
             if child is None:
-                addr = get_pointer(node.buf, slot)
-                if addr == 0:
+                ptr = store.get_pointer(node.buf, slot)
+                if ptr.addr0 == 0:
                     child = store.new_node(level - 1)
                 else:
-                    child = store.load(addr, BT_INTERIOR, level - 1)
+                    child = store.load(ptr, BT_INTERIOR, level - 1)
                     store.make_dirty(child)
-                    set_pointer(node.buf, slot, 0)
+                    store.set_pointer(node.buf, slot, NO_POINTER)
                 node.children[slot] = child
             node = child
             level -= 1
@@ -377,14 +402,14 @@ class RadixTree:
         return n
 
     def commit(self, allocate: Callable[[], int] | None = None, keep_empty: bool = False) -> None:
-        """Write every dirty node; afterwards root_addr/height describe the tree on disk."""
+        """Write every dirty node; afterwards root/height describe the tree on disk."""
         if self.root_node is None:
             return
         self._recent.clear()  # an emptied leaf is dropped by the commit
-        addr = self._commit_node(self.root_node, self.height, 0, allocate, keep_empty)
+        ptr = self._commit_node(self.root_node, self.height, 0, allocate, keep_empty)
         self.root_node = None
-        self.root_addr = addr
-        if addr == 0:
+        self.root = ptr
+        if ptr.addr0 == 0:
             self.height = 0
 
     def _commit_node(
@@ -394,19 +419,19 @@ class RadixTree:
         base: int,
         allocate: Callable[[], int] | None,
         keep_empty: bool,
-    ) -> int:
+    ) -> BlockPointer:
         if level > 0:
             span = self.fanout ** (level - 1)
             for slot, child in node.children.items():
-                a = self._commit_node(child, level - 1, base + slot * span, allocate, keep_empty)
-                set_pointer(node.buf, slot, a)
+                p = self._commit_node(child, level - 1, base + slot * span, allocate, keep_empty)
+                self.store.set_pointer(node.buf, slot, p)
             node.children.clear()
             empty = node.buf.count(0, HEADER_SIZE) == len(node.buf) - HEADER_SIZE
         else:
             empty = node.count == 0
         if empty and not keep_empty:
             node.dirty = False
-            return 0
+            return NO_POINTER
         key_base = base * self.leaf_capacity
         return self.store.write(node, self._type_at(level), self.owner, key_base, allocate)
 
@@ -417,10 +442,10 @@ class RadixTree:
         freed = 0
         if self.root_node is not None:
             freed += self._free_dirty(self.root_node, self.height)
-        elif self.root_addr:
-            freed += self._free_clean(self.root_addr, self.height)
+        elif self.root.addr0:
+            freed += self._free_clean(self.root, self.height)
         self.root_node = None
-        self.root_addr = 0
+        self.root = NO_POINTER
         self.height = 0
         return freed
 
@@ -428,34 +453,32 @@ class RadixTree:
         freed = 0
         if level > 0:
             for slot in range(self.fanout):
-                a = get_pointer(node.buf, slot)
-                if a:
-                    freed += self._free_clean(a, level - 1)
+                p = self.store.get_pointer(node.buf, slot)
+                if p.addr0:
+                    freed += self._free_clean(p, level - 1)
             for child in node.children.values():
                 freed += self._free_dirty(child, level - 1)
         node.dirty = False
         return freed  # a dirty node's own old address was already freed when it turned dirty
 
-    def _free_clean(self, addr: int, level: int) -> int:
+    def _free_clean(self, ptr: BlockPointer, level: int) -> int:
         freed = 1
         if level > 0:
-            node = self.store.load(addr, BT_INTERIOR, level)
-            for a in child_pointers(node.buf, self.fanout):
-                if a:
-                    freed += self._free_clean(a, level - 1)
-        self.store.forget(addr)
+            node = self.store.load(ptr, BT_INTERIOR, level)
+            for slot in nonzero_records(node.buf, self.store.pointer_size):
+                freed += self._free_clean(self.store.get_pointer(node.buf, slot), level - 1)
+        self.store.forget(ptr.addr0)
         return freed
 
     def all_node_addresses(self) -> Iterator[tuple[int, int]]:
         """(address, level) of every committed node: for the checker. Tree must be clean."""
         assert self.root_node is None
-        if self.root_addr:
-            yield from self._addresses(self.root_addr, self.height)
+        if self.root.addr0:
+            yield from self._addresses(self.root, self.height)
 
-    def _addresses(self, addr: int, level: int) -> Iterator[tuple[int, int]]:
-        yield addr, level
+    def _addresses(self, ptr: BlockPointer, level: int) -> Iterator[tuple[int, int]]:
+        yield ptr.addr0, level
         if level > 0:
-            node = self.store.load(addr, BT_INTERIOR, level)
-            for a in child_pointers(node.buf, self.fanout):
-                if a:
-                    yield from self._addresses(a, level - 1)
+            node = self.store.load(ptr, BT_INTERIOR, level)
+            for slot in nonzero_records(node.buf, self.store.pointer_size):
+                yield from self._addresses(self.store.get_pointer(node.buf, slot), level - 1)

@@ -14,9 +14,11 @@ from .layout import (
     BT_INODE_LEAF,
     BT_SNAP_LEAF,
     INODE_RECORD_SIZE,
+    NO_POINTER,
     OWNER_INODE_TABLE,
     OWNER_SNAP_TABLE,
     SNAP_RECORD_SIZE,
+    BlockPointer,
     InodeRecord,
     SnapshotRecord,
     read_inode,
@@ -39,7 +41,7 @@ class RecordTable(Generic[R]):
         record_size: int,
         reader: Callable[[bytearray, int], R | None],
         writer: Callable[[bytearray, int, R | None], None],
-        root: int = 0,
+        root: BlockPointer = NO_POINTER,
         height: int = 0,
     ) -> None:
         self.capacity = record_capacity(store.block_size, record_size)
@@ -74,15 +76,17 @@ class RecordTable(Generic[R]):
         self.tree.commit()
 
     @property
-    def root(self) -> int:
-        return self.tree.root_addr
+    def root(self) -> BlockPointer:
+        return self.tree.root
 
     @property
     def height(self) -> int:
         return self.tree.height
 
 
-def inode_table(store: MetaStore, root: int = 0, height: int = 0) -> RecordTable[InodeRecord]:
+def inode_table(
+    store: MetaStore, root: BlockPointer = NO_POINTER, height: int = 0
+) -> RecordTable[InodeRecord]:
     return RecordTable(
         store,
         OWNER_INODE_TABLE,
@@ -95,7 +99,9 @@ def inode_table(store: MetaStore, root: int = 0, height: int = 0) -> RecordTable
     )
 
 
-def snapshot_table(store: MetaStore, root: int = 0, height: int = 0) -> RecordTable[SnapshotRecord]:
+def snapshot_table(
+    store: MetaStore, root: BlockPointer = NO_POINTER, height: int = 0
+) -> RecordTable[SnapshotRecord]:
     return RecordTable(
         store,
         OWNER_SNAP_TABLE,

@@ -28,6 +28,7 @@ from .device import Device
 from .errors import CorruptMetadata, NotAPool, PoolBusy, PoolTruncated, UnsupportedFormat
 from .layout import (
     FEATURE_DATA_CHECKSUMS,
+    FORMAT_VERSION,
     INODE_SHADOW,
     INODE_VOLUME,
     OP_DELETE,
@@ -44,6 +45,8 @@ from .layout import (
     check_block_size,
     first_data_block,
     pack_superblock,
+    root_fields,
+    root_pointer,
     unpack_superblock,
 )
 from .radix import MetaStore
@@ -116,11 +119,11 @@ class Pool:
         self.device = device
         self.sb = sb
         self.block_size = sb.block_size
-        self.store = MetaStore(device, sb.block_size, cache_bytes)
+        self.store = MetaStore(device, sb.block_size, cache_bytes, sb.version)
         self.store.generation = sb.generation + 1
         self.allocator = Allocator(self.store, sb.capacity_blocks, sb.growable, sb.reserve_blocks)
-        self.inodes = inode_table(self.store, sb.inode_root, sb.inode_height)
-        self.snaptab = snapshot_table(self.store, sb.snap_root, sb.snap_height)
+        self.inodes = inode_table(self.store, root_pointer(sb, "inode"), sb.inode_height)
+        self.snaptab = snapshot_table(self.store, root_pointer(sb, "snap"), sb.snap_height)
         self.volumes: dict[int, Volume] = {}
         self.snapshots: dict[int, SnapshotRecord] = {}
         self.dirty_maps: set[BlockMap] = set()
@@ -142,8 +145,19 @@ class Pool:
     # --- open and format ----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, device: Device, cache_bytes: int = DEFAULT_CACHE_BYTES) -> Pool:
+    def open(
+        cls, device: Device, cache_bytes: int = DEFAULT_CACHE_BYTES, upgrading: bool = False
+    ) -> Pool:
+        """The pool on device, as its newest superblock describes it. A pool of an older format
+        version is refused, with the way to upgrade it, unless upgrading (upgrade.py reads it
+        to write it anew)."""
         sb, problems = read_superblocks(device)
+        if sb.version != FORMAT_VERSION and not upgrading:
+            raise UnsupportedFormat(
+                f"{device.path} holds a pool of format version {sb.version}; this dittofs "
+                f"serves version {FORMAT_VERSION}. Upgrade it in place with 'snapctl upgrade "
+                f"{device.path}' (with no server running; data is not rewritten)"
+            )
         need = sb.capacity_blocks * sb.block_size
         have = device.size()
         if have < need:
@@ -206,7 +220,7 @@ class Pool:
 
     def _load(self) -> None:
         sb = self.sb
-        self.allocator.load(sb.bitmap_root, sb.bitmap_height)
+        self.allocator.load(root_pointer(sb, "bitmap"), sb.bitmap_height)
         shadows: list[InodeRecord] = []
         for _, rec in self.inodes.items():
             if rec.kind == INODE_VOLUME:
@@ -423,11 +437,11 @@ class Pool:
         sb = replace(
             self.sb,
             generation=self.sb.generation + 1,
-            inode_root=self.inodes.root,
+            **root_fields("inode", self.inodes.root),
             inode_height=self.inodes.height,
-            snap_root=self.snaptab.root,
+            **root_fields("snap", self.snaptab.root),
             snap_height=self.snaptab.height,
-            bitmap_root=self.allocator.tree.root_addr,
+            **root_fields("bitmap", self.allocator.tree.root),
             bitmap_height=self.allocator.tree.height,
             used_blocks=self.allocator.used_blocks,
             capacity_blocks=self.allocator.capacity,

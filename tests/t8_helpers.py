@@ -133,16 +133,16 @@ def _tree_blocks(tree: RadixTree, name: str) -> Iterator[MetaBlock]:
     if not tree.root_addr:
         return
     fan = tree.fanout
-    stack = [(tree.root_addr, tree.height, 0)]
+    stack = [(tree.root, tree.height, 0)]
     while stack:
-        addr, level, leaf_base = stack.pop()
+        ptr, level, leaf_base = stack.pop()
         btype = tree.leaf_type if level == 0 else BT_INTERIOR
-        yield MetaBlock(btype, addr, level, name, leaf_base * tree.leaf_capacity)
+        yield MetaBlock(btype, ptr.addr0, level, name, leaf_base * tree.leaf_capacity)
         if level:
-            node = tree.store.load(addr, BT_INTERIOR, level)
+            node = tree.store.load(ptr, BT_INTERIOR, level)
             span = fan ** (level - 1)
             for slot, child in enumerate(child_pointers(node.buf, fan)):
-                if child:
+                if child.addr0:
                     stack.append((child, level - 1, leaf_base + slot * span))
 
 

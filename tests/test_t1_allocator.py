@@ -90,7 +90,9 @@ def tag_of(node: Node | None) -> int | None:
     return e.addr
 
 
-def new_tree(store: MetaStore, owner: int = 7, root: int = 0, height: int = 0) -> RadixTree:
+def new_tree(
+    store: MetaStore, owner: int = 7, root: L.BlockPointer = L.NO_POINTER, height: int = 0
+) -> RadixTree:
     return RadixTree(store, owner, L.BT_MAP_LEAF, MAP_CAP, root, height)
 
 
@@ -205,7 +207,7 @@ def test_bitmap_on_disk_equals_memory_after_commit(tmp_path: Path) -> None:
     assert a.tree.height == 1
     assert len(list(a.tree.iter_leaves())) == 3
     b2 = Allocator(r.fresh_store(), cap, True)
-    b2.load(a.tree.root_addr, a.tree.height)
+    b2.load(a.tree.root, a.tree.height)
     assert b2.state == a.state
     assert b2.busy == b2.state
     assert b2.free_count == a.free_count
@@ -352,7 +354,7 @@ def test_bitmap_grows_past_one_leaf_during_commit(tmp_path: Path) -> None:
     assert a.tree.height == 1
     assert len(list(a.tree.iter_leaves())) == 2
     b2 = Allocator(r.fresh_store(), a.capacity, True)
-    b2.load(a.tree.root_addr, a.tree.height)
+    b2.load(a.tree.root, a.tree.height)
     assert b2.state == a.state
     assert b2.free_count == a.free_count == a.capacity - a.used_blocks
     r.dev.close()
@@ -399,7 +401,7 @@ def test_tree_commit_and_reopen_with_many_leaves(rig: Rig) -> None:
     assert all(rig.alloc.is_allocated(a) for a, _ in nodes)
     # reopen through a cold cache
     store2 = rig.fresh_store()
-    t2 = new_tree(store2, root=t.root_addr, height=t.height)
+    t2 = new_tree(store2, root=t.root, height=t.height)
     assert contents(t2) == {n: 1000 + n for n in leaves}
     assert store2.nodes_read == len(nodes)
     assert tag_of(t2.leaf(FAN * FAN + 5)) == 1000 + FAN * FAN + 5
@@ -411,7 +413,7 @@ def test_tree_change_after_commit_is_copy_on_write(rig: Rig) -> None:
     build(t, [0, 1, FAN + 2])
     t.commit()
     rig.commit()
-    root1, h1 = t.root_addr, t.height
+    root1, h1 = t.root, t.height
     old_nodes = {a for a, _ in t.all_node_addresses()}
     leaf1_addr = t.leaf(1).addr  # type: ignore[union-attr]
     mark(t.leaf_for_write(1), 77)  # CoW: the leaf and the interior path above it
@@ -421,7 +423,7 @@ def test_tree_change_after_commit_is_copy_on_write(rig: Rig) -> None:
     new_nodes = {a for a, _ in t.all_node_addresses()}
     # the path to leaf 1 was rewritten elsewhere; untouched subtrees are shared
     assert leaf1_addr not in new_nodes
-    assert root1 not in new_nodes
+    assert root1.addr0 not in new_nodes
     assert h1 == 2
     # shared: leaf 0, and the untouched subtree (interior + leaf FAN + 2); rewritten: root,
     # the interior above leaves 0 and 1, and leaf 1
@@ -430,7 +432,7 @@ def test_tree_change_after_commit_is_copy_on_write(rig: Rig) -> None:
     # the committed (old) tree is still readable intact until its blocks are released
     old = new_tree(rig.fresh_store(), root=root1, height=h1)
     assert contents(old) == {0: 1000, 1: 1001, FAN + 2: 1000 + FAN + 2}
-    assert contents(new_tree(rig.fresh_store(), root=t.root_addr, height=t.height)) == {
+    assert contents(new_tree(rig.fresh_store(), root=t.root, height=t.height)) == {
         0: 1000,
         1: 77,
         FAN + 2: 1000 + FAN + 2,
@@ -465,8 +467,8 @@ def test_tree_detach_and_attach_leaf(rig: Rig) -> None:
     b.commit()
     rig.commit()
     store2 = rig.fresh_store()
-    a2 = new_tree(store2, 7, a.root_addr, a.height)
-    b2 = new_tree(store2, 8, b.root_addr, b.height)
+    a2 = new_tree(store2, 7, a.root, a.height)
+    b2 = new_tree(store2, 8, b.root, b.height)
     assert contents(a2) == {0: 1000, 3: 1003}
     assert contents(b2) == {0: 1000, 600: 1600}
     hdr = L.open_block(
@@ -499,7 +501,7 @@ def test_tree_detach_only_leaf_of_height_zero_tree(rig: Rig) -> None:
     other = new_tree(rig.store, owner=9)
     other.attach_leaf(5, node)
     other.commit()
-    assert contents(new_tree(rig.fresh_store(), 9, other.root_addr, other.height)) == {5: 1000}
+    assert contents(new_tree(rig.fresh_store(), 9, other.root, other.height)) == {5: 1000}
 
 
 def _used_after_commit(r: Rig) -> int:
@@ -541,14 +543,14 @@ def test_metastore_cache_is_bounded_and_reads_through(rig: Rig) -> None:
     t.commit()
     store2 = rig.fresh_store(cache_bytes=16 * BS)
     assert store2.cache_limit == 16
-    t2 = new_tree(store2, root=t.root_addr, height=t.height)
+    t2 = new_tree(store2, root=t.root, height=t.height)
     for _ in range(2):
         assert contents(t2) == {n: 1000 + n for n in range(100)}
         assert len(store2.cache) <= 16
     assert store2.nodes_read >= 2 * 100  # evicted leaves were read again
     # a warm cache reads nothing
     store3 = rig.fresh_store()
-    t3 = new_tree(store3, root=t.root_addr, height=t.height)
+    t3 = new_tree(store3, root=t.root, height=t.height)
     contents(t3)
     n = store3.nodes_read
     contents(t3)

@@ -180,7 +180,8 @@ def test_block_size_rules_and_capacities() -> None:
     assert L.first_data_block(4096) == 2
     assert L.first_data_block(8192) == 1
     assert L.first_data_block(65536) == 1
-    assert L.interior_fanout(4096) == (4096 - 64) // 8 == 504
+    assert L.interior_fanout(4096) == (4096 - 64) // 32 == 126  # block pointers of 32 bytes
+    assert L.interior_fanout(4096, version=1) == (4096 - 64) // 8 == 504
     assert L.map_leaf_capacity(4096) == (4096 - 64) // 24 == 168
     assert L.record_capacity(4096, L.INODE_RECORD_SIZE) == 15
     assert L.record_capacity(4096, L.SNAP_RECORD_SIZE) == 7
@@ -289,11 +290,16 @@ def test_snapshot_record_round_trip_with_holds() -> None:
 def test_pointers_round_trip() -> None:
     buf = bytearray(BS)
     fan = L.interior_fanout(BS)
+
+    def ptr(slot: int) -> L.BlockPointer:
+        return L.BlockPointer((slot + 1) * 1_000_003, slot + 7, (1 << 40) + slot, 0xDEADBEEF - slot)
+
     for slot in (0, 1, fan // 2, fan - 1):
-        L.set_pointer(buf, slot, (slot + 1) * 1_000_003)
+        L.set_pointer(buf, slot, ptr(slot))
     for slot in range(fan):
-        want = (slot + 1) * 1_000_003 if slot in (0, 1, fan // 2, fan - 1) else 0
+        want = ptr(slot) if slot in (0, 1, fan // 2, fan - 1) else L.NO_POINTER
         assert L.get_pointer(buf, slot) == want
+    assert L.child_pointers(buf, fan) == [L.get_pointer(buf, s) for s in range(fan)]
 
 
 # --- metadata block header: seal and verify -------------------------------------------------------
@@ -313,7 +319,7 @@ def sealed(btype: int = L.BT_MAP_LEAF, address: int = 4711) -> bytearray:
 def test_seal_and_open_block_round_trip(btype: int) -> None:
     buf = sealed(btype, 4711)
     hdr = L.open_block(buf, 4711, btype)
-    assert hdr == L.BlockHeader(btype, 1, 4711, 12, 5, 0, 1, 168)
+    assert hdr == L.BlockHeader(btype, 1, 4711, 12, 5, 0, 1, 168, 0)
     assert L.read_entry(buf, 3) == L.Entry(L.KIND_ADDR, 99, 2)  # payload untouched
 
 
@@ -405,6 +411,32 @@ def test_flipped_byte_in_map_leaf_is_reported_with_address(tmp_path: Path) -> No
     eng.close()
 
 
+@pytest.mark.parametrize("damage", ["older-version", "misdirected"])
+def test_a_lost_or_misdirected_write_is_caught_by_the_pointer(tmp_path: Path, damage: str) -> None:
+    """A block that is valid on its own (good checksum, right type, right address) but not the
+    version its parent points to: the device lost the newest write to it (an older version of
+    the node is there), or took a write meant for another block. Version 1 read it as good."""
+    path, leaf0, leaf1, _ = _pool_with_two_map_leaves(tmp_path)
+    raw = bytearray(read_raw(path, leaf1 * BS, BS))
+    hdr = L.open_block(raw, leaf1, L.BT_MAP_LEAF)
+    if damage == "older-version":  # same address, an earlier generation, different records
+        L.write_entry(raw, 5, L.Entry(L.KIND_ADDR, 4242, 1))
+        generation = hdr.generation - 1
+    else:  # another leaf's records, resealed as if written here
+        raw[L.HEADER_SIZE :] = read_raw(path, leaf0 * BS, BS)[L.HEADER_SIZE :]
+        generation = hdr.generation
+    L.seal_block(raw, L.BT_MAP_LEAF, leaf1, generation, hdr.owner, 0, hdr.records, hdr.key_base)
+    L.open_block(raw, leaf1, L.BT_MAP_LEAF)  # valid on its own
+    write_raw(path, leaf1 * BS, bytes(raw))
+    eng = Engine.open(str(path))
+    ex = eng.open_export("live", True)
+    assert len(read_bytes(eng, ex, 0, BS)) == BS  # leaf 0 is fine
+    with pytest.raises(CorruptMetadata, match="not the version its parent points to") as ei:
+        read_bytes(eng, ex, L.map_leaf_capacity(BS) * BS, BS)
+    assert ei.value.address == leaf1 and ei.value.block_type == "block-map leaf"
+    eng.close()
+
+
 def test_flipped_byte_in_interior_node_is_reported(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     eng = make_engine(path)
@@ -429,8 +461,8 @@ def test_flipped_byte_in_interior_node_is_reported(tmp_path: Path) -> None:
 def _committed_root(eng: Engine, which: str) -> int:
     pool = eng.pool
     return {
-        "inode": pool.inodes.root,
-        "snap": pool.snaptab.root,
+        "inode": pool.inodes.root.addr0,
+        "snap": pool.snaptab.root.addr0,
         "bitmap": pool.allocator.tree.root_addr,
     }[which]
 
@@ -524,7 +556,7 @@ def test_unknown_version_on_disk_refuses_to_open(tmp_path: Path) -> None:
     make_engine(path).close()
     off, _ = _newest_slot(path)
     sb = L.unpack_superblock(read_raw(path, off, L.SUPERBLOCK_SIZE), "x")
-    sb.version = 2
+    sb.version = 99
     write_raw(path, off, L.pack_superblock(sb))
     with pytest.raises(UnsupportedFormat):
         Engine.open(str(path))

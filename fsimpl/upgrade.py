@@ -1,0 +1,103 @@
+"""Upgrading a pool of an older format version in place: `snapctl upgrade DISK`.
+
+Version 1 differs from version 2 only in its metadata trees' interior nodes (bare 8-byte
+addresses there, block pointers with the child's generation and checksum here) and in fields
+version 2 added where version 1 kept zeros. Leaves are the same: same header size, same
+records. So an upgrade reads every tree of the old pool leaf by leaf, writes each leaf's records
+into a new tree of the current version (every node at a fresh address: copy-on-write), frees the
+old nodes, and commits, which writes the new superblock. Data blocks are not touched. Until that
+superblock is durable the old pool is intact; a crash leaves one or the other, whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .device import Device
+from .errors import NotFound, Refused
+from .layout import (
+    BT_BITMAP,
+    FORMAT_VERSION,
+    HEADER_SIZE,
+    OWNER_BITMAP,
+    SUPERBLOCK_OFFSETS,
+    pack_superblock,
+)
+from .opening import lock
+from .radix import MetaStore, RadixTree
+from .txn import Pool, read_superblock, refuse_if_in_use
+
+UPGRADE_CACHE_BYTES = 16 << 20
+
+
+def upgrade_disk(path: str) -> dict[str, object]:
+    """Upgrade the pool on path to FORMAT_VERSION (no server may be running)."""
+    try:
+        device = Device(path)
+    except FileNotFoundError:
+        raise NotFound(f"{path} does not exist") from None
+    try:
+        lock(device)
+        old = read_superblock(device)
+        refuse_if_in_use(old, path, "stop it first: 'snapctl upgrade' needs the disk alone")
+        if old.version == FORMAT_VERSION:
+            raise Refused(f"{path} already holds a version {FORMAT_VERSION} pool: nothing to do")
+        pool = Pool.open(device, UPGRADE_CACHE_BYTES, upgrading=True)
+        moved = _rewrite_trees(pool)
+        pool.sb.version = FORMAT_VERSION
+        pool.sb_dirty = True
+        pool.commit()
+        # the other slot gets the same state one generation lower, as format does, so no
+        # superblock of the old version is left to fall back to
+        twin = dataclasses.replace(pool.sb, generation=pool.sb.generation - 1)
+        device.pwrite(pack_superblock(twin), SUPERBLOCK_OFFSETS[twin.generation % 2])
+        device.sync()
+        return {
+            "disk": path,
+            "from_version": old.version,
+            "to_version": FORMAT_VERSION,
+            "metadata_blocks_rewritten": moved,
+            "generation": pool.sb.generation,
+        }
+    finally:
+        device.close()
+
+
+def _rewrite_trees(pool: Pool) -> int:
+    """Every tree of pool, re-written by a store of the current version. Returns the number of
+    old metadata blocks freed."""
+    old_store = pool.store
+    store = MetaStore(pool.device, pool.block_size, UPGRADE_CACHE_BYTES, FORMAT_VERSION)
+    store.generation = old_store.generation
+    store.allocate_address = old_store.allocate_address
+    store.free_address = old_store.free_address
+    maps = [m for vol in pool.volumes.values() for m in [vol.live, *vol.shadows.values()]]
+    old_nodes: list[int] = []
+
+    def rewritten(tree: RadixTree) -> RadixTree:
+        new = RadixTree(store, tree.owner, tree.leaf_type, tree.leaf_capacity)
+        for leaf_no, node in tree.iter_leaves():
+            leaf = new.leaf_for_write(leaf_no)
+            leaf.buf[HEADER_SIZE:] = node.buf[HEADER_SIZE:]
+            leaf.count = node.count
+        old_nodes.extend(a for a, _ in tree.all_node_addresses())
+        return new
+
+    pool.inodes.tree = rewritten(pool.inodes.tree)
+    pool.snaptab.tree = rewritten(pool.snaptab.tree)
+    for m in maps:
+        m.tree = rewritten(m.tree)
+        inode = m.inode  # its root is the new tree's, set when the map commits
+        inode.root = inode.root1 = inode.root_gen = inode.root_csum = inode.height = 0
+        pool.dirty_maps.add(m)
+        pool.touch_inode(inode)  # every inode record is rewritten: map roots are pointers now
+    alloc = pool.allocator
+    old_nodes.extend(a for a, _ in alloc.tree.all_node_addresses())
+    alloc.store = store
+    alloc.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, alloc.bits_per_leaf)
+    leaves = (alloc.capacity + alloc.bits_per_leaf - 1) // alloc.bits_per_leaf
+    alloc.dirty_leaves.update(range(leaves))
+    pool.store = store
+    for addr in old_nodes:
+        alloc.free(addr)  # allocatable once the upgrade commit is durable
+    return len(old_nodes)

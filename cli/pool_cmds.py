@@ -33,15 +33,34 @@ from .render import Renderer, human_size, parse_size
     is_flag=True,
     help="Keep a CRC-32 of every data block, verified on every read (see scrub).",
 )
+@click.option(
+    "--metadata-copies",
+    type=click.IntRange(1, 2),
+    default=1,
+    show_default=True,
+    help="Copies of every metadata block, far apart: with 2, a bad copy is served from the "
+    "other and rewritten.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def format_cmd(
-    disk: str, size: str | None, block_size: str, force: bool, checksum: bool, as_json: bool
+    disk: str,
+    size: str | None,
+    block_size: str,
+    force: bool,
+    checksum: bool,
+    metadata_copies: int,
+    as_json: bool,
 ) -> None:
     """Make a pool on DISK: a block device, a partition or an image file (created if missing)."""
 
     def body() -> None:
         result = Engine.format(
-            disk, parse_size(size) if size else None, parse_size(block_size), force, checksum
+            disk,
+            parse_size(size) if size else None,
+            parse_size(block_size),
+            force,
+            checksum,
+            metadata_copies,
         )
         if as_json:
             click.echo(json.dumps(result))
@@ -112,9 +131,11 @@ def check(obj: Context, as_json: bool, repair: bool) -> None:
     """Verify the pool's committed state: checksums, ownership, free space, snapshot sharing.
 
     Through the running server if there is one, else on the disk itself (read-only, under the
-    pool's lock). Exit codes as fsck's: 0 clean, 1 errors found and all corrected (--repair),
-    4 errors left uncorrected (leaks alone are reported but harmless: the pool still serves),
-    8 the check could not run (no pool, unknown format, server busy or unreachable).
+    pool's lock). Exit codes as fsck's: 0 clean, 1 errors found and all corrected (by
+    --repair, or healed by the running server from a metadata block's good copy), 4 errors left
+    uncorrected: fatal ones, or harmless ones (leaks; a bad metadata copy whose twin is good,
+    "healable": nothing is lost, scrub or --repair rewrites it), 8 the check could not run (no
+    pool, unknown format, server busy or unreachable).
     """
     try:
         code = _check(obj, as_json, repair)
@@ -144,7 +165,9 @@ def _check(obj: Context, as_json: bool, repair: bool) -> int:
         with obj.client() as c:
             report: dict[str, Any] = c.call("check")
         _show_report(report, as_json)
-        return 0 if report["clean"] else 4
+        if not report["clean"]:
+            return 4
+        return 1 if report.get("healed") else 0  # fsck's 1: errors found, all corrected
     if not disk:
         raise NotFound("no pool given: use -d DISK (or set DITTOFS_DISK)")
     if not repair:
@@ -188,8 +211,16 @@ def _show_report(report: dict[str, Any], as_json: bool) -> None:
         return
     for d in report["defects"]:
         click.echo(f"{'ERROR' if d['fatal'] else 'warning'}: {d['message']}")
+    healed = report.get("healed", 0)
     if report["clean"]:
         verdict = "clean"
+        if healed:
+            verdict += f" ({healed} bad metadata copies healed by the server)"
+    elif report.get("healable") and not report["fatal"]:
+        verdict = (
+            f"{len(report['defects'])} defect(s), {report['healable']} healable (a bad metadata "
+            "copy beside a good one: nothing lost; 'snapctl scrub' or 'check --repair' heals)"
+        )
     elif not report["fatal"]:
         verdict = f"{len(report['defects'])} harmless defect(s) ('snapctl check --repair' fixes)"
     else:
@@ -229,8 +260,9 @@ def tune(obj: Context, settings: tuple[str, ...], as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def scrub(obj: Context, as_json: bool) -> None:
-    """Read every data block of live and every snapshot; with data checksums (format
-    --checksum), verify each. Exit 4 if any block is damaged."""
+    """Verify both copies of every metadata block, rewriting a bad copy from its good twin;
+    then read every data block of live and every snapshot, and with data checksums (format
+    --checksum) verify each. Exit 4 if anything is damaged beyond healing."""
 
     def body() -> None:
         with obj.client() as c, Renderer().progress("scrubbing") as advance:
@@ -238,13 +270,20 @@ def scrub(obj: Context, as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(r, indent=2))
         else:
+            for m in r["metadata_lost"]:
+                click.echo(f"ERROR: {m['tree']}: {m['error']}")
             for b in r["bad"]:
                 click.echo(f"ERROR: {b['map']} block {b['block']}: {b['error']}")
+            click.echo(
+                f"{r['metadata_blocks']} metadata blocks verified (every copy); "
+                f"{r['metadata_healed']} bad copies healed; {len(r['metadata_lost'])} lost"
+            )
             how = "verified" if r["checksums"] else "read (no data checksums on this pool)"
             click.echo(
-                f"{r['blocks']} blocks ({human_size(r['bytes'])}) {how}; {len(r['bad'])} damaged"
+                f"{r['blocks']} data blocks ({human_size(r['bytes'])}) {how}; "
+                f"{len(r['bad'])} damaged"
             )
-        if r["bad"]:
+        if r["bad"] or r["metadata_lost"]:
             sys.exit(4)
 
     run(body)

@@ -114,6 +114,7 @@ class Renderer:
             ("role", d["role"] + (" (superseded by its peer)" if d.get("superseded") else "")),
             ("peer", d.get("peer") or "-"),
             ("last common", d.get("last_common") or "-"),
+            ("metadata copies", d.get("metadata_copies", 1)),
         ]
         if "errors" in d:  # since the server opened the pool
             e = d["errors"]
@@ -121,7 +122,7 @@ class Renderer:
                 (
                     "errors",
                     f"{e['read']} read, {e['write']} write, {e['checksum']} checksum, "
-                    f"{e['failed_commits']} failed commit(s)",
+                    f"{e['failed_commits']} failed commit(s), {e.get('healed', 0)} healed",
                 )
             )
         if d.get("mode") == "server":

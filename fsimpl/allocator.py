@@ -31,6 +31,7 @@ from .layout import (
 )
 from .radix import MetaStore, RadixTree
 
+COPY_DISTANCE = 16  # blocks: the least distance between two copies of a metadata block
 _NOT_FULL = re.compile(b"[^\xff]")
 _FULL = (
     "the pool is full: delete snapshots ('snapctl delete') or trim unused space in the "
@@ -64,6 +65,7 @@ class Allocator:
         self.commit_need: Callable[[], int] = lambda: 0  # set by the transaction layer
         store.allocate_address = self.allocate
         store.free_address = self.free
+        store.allocate_far = self.allocate_far
 
     # --- setup --------------------------------------------------------------------------------
 
@@ -146,6 +148,32 @@ class Allocator:
         self.cursor = b + 1
         return b
 
+    def allocate_far(self, near: int) -> int:
+        """One free block for the second copy of a metadata block, far from `near` so that one
+        damaged region does not take both: a quarter of the pool away where there is room,
+        else at least COPY_DISTANCE blocks (an image file grows for it, as allocate would); a
+        nearly full device takes any free block rather than keep no second copy."""
+        b = -1
+        for span in (max(COPY_DISTANCE, self.capacity // 4), COPY_DISTANCE):
+            b = self._find_free_away(near, span)
+            if b >= 0:
+                break
+        if b < 0 and self.growable:
+            self._grow(max(256, self.capacity // 4))
+            b = self._find_free_away(near, COPY_DISTANCE)
+        if b < 0:
+            b = self._find_free()
+        if b < 0:
+            raise NoSpace(_FULL)
+        self._set(b)
+        return b
+
+    def _find_free_away(self, near: int, span: int) -> int:
+        """The first free block at least span blocks from near (above it first)."""
+        above = (near + span + 7) >> 3  # byte bounds rounded inward: the distance is exact
+        below = max(0, near - span + 1) >> 3
+        return self._find_free_in((above, len(self.busy)), (0, below))
+
     def allocate_many(self, n: int, headroom: int = 0) -> list[int]:
         """n data blocks, or none (NoSpace) if they do not fit beside the room kept for
         metadata (see room_for_data)."""
@@ -171,7 +199,11 @@ class Allocator:
             self.dirty_leaves.add(b // self.bits_per_leaf)
 
     def _find_free(self) -> int:
-        for start, end in ((self.cursor >> 3, len(self.busy)), (0, self.cursor >> 3)):
+        return self._find_free_in((self.cursor >> 3, len(self.busy)), (0, self.cursor >> 3))
+
+    def _find_free_in(self, *ranges: tuple[int, int]) -> int:
+        """The first free block in the byte ranges [start, end) of the bitmap, in order."""
+        for start, end in ranges:
             m = _NOT_FULL.search(self.busy, start, end) if start < end else None
             while m is not None:
                 i = m.start()
@@ -227,9 +259,12 @@ class Allocator:
             for leaf_no in sorted(todo):
                 self.tree.leaf_for_write(leaf_no)  # may free old addresses: more dirty leaves
                 prepared.add(leaf_no)
-            need = self.tree.count_dirty()
+            need = self.tree.count_dirty() * self.store.copies
             while len(reserved) < need:
-                reserved.append(self.allocate())
+                first = self.allocate()
+                reserved.append(first)
+                if self.store.copies > 1:
+                    reserved.append(self.allocate_far(first))
             if not (self.dirty_leaves - prepared) and len(reserved) == need:
                 break
         leaf_bytes = self.bits_per_leaf // 8

@@ -47,6 +47,7 @@ from .errors import (
 )
 from .layout import (
     BLOCK_TYPE_NAMES,
+    BT_INTERIOR,
     BT_SUPER,
     KIND_ADDR,
     KIND_HOLE,
@@ -58,6 +59,7 @@ from .layout import (
     SNAP_DELETING,
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
+    BlockPointer,
     Entry,
     InodeRecord,
     Superblock,
@@ -75,6 +77,7 @@ class Defect:
     fatal: bool
     where: str
     message: str
+    healable: bool = False  # a bad copy whose twin is good: the server heals it on read
 
 
 @dataclass
@@ -94,8 +97,12 @@ class CheckReport:
     def leaks(self) -> list[Defect]:
         return [d for d in self.defects if d.kind == "leak"]
 
-    def add(self, kind: str, fatal: bool, where: str, message: str) -> None:
-        self.defects.append(Defect(kind, fatal, where, message))
+    @property
+    def healable(self) -> list[Defect]:
+        return [d for d in self.defects if d.healable]
+
+    def add(self, kind: str, fatal: bool, where: str, message: str, healable: bool = False) -> None:
+        self.defects.append(Defect(kind, fatal, where, message, healable))
 
 
 CHECK_CACHE_BYTES = 8 << 20
@@ -106,6 +113,7 @@ def report_json(report: CheckReport) -> dict[str, Any]:
     return {
         "clean": report.clean,
         "fatal": len(report.fatal),
+        "healable": len(report.healable),
         "defects": [asdict(d) for d in report.defects],
         "stats": report.stats,
     }
@@ -197,6 +205,7 @@ class _Walker:
         self.corrupt: set[int] = set()
         self.bad_counters: list[tuple[InodeRecord, int, int, int]] = []
         self.leaked: list[int] = []  # allocated, owned by nothing (known when complete)
+        self.bad_copies: dict[int, int] = {}  # a bad copy's address -> its good twin's
         self.owned_free: list[int] = []  # owned, but free in the free map
 
     def run(self) -> None:
@@ -246,27 +255,42 @@ class _Walker:
         self.owned[byte] |= bit
 
     def _own_metadata(self) -> None:
-        pool = self.pool
-        trees = [
-            ("inode table", pool.inodes.tree),
-            ("snapshot table", pool.snaptab.tree),
-            ("free-space bitmap", pool.allocator.tree),
-        ]
-        for vol in pool.volumes.values():
-            trees.append((f"volume {vol.name} map", vol.live.tree))
-            for sid, shadow in vol.shadows.items():
-                trees.append((f"snapshot {sid} map of {vol.name}", shadow.tree))
         n = 0
-        for what, tree in trees:
+        for what, tree in self.pool.metadata_trees():
 
             def walk(what: str = what, tree: RadixTree = tree) -> None:
                 nonlocal n
-                for addr, _level in tree.all_node_addresses():
-                    self._own(addr, f"{what} node")
-                    n += 1
+                for ptr, level in tree.all_node_pointers():
+                    for addr in (ptr.addr0, ptr.addr1):
+                        if addr:
+                            self._own(addr, f"{what} node")
+                            n += 1
+                    self._verify_copies(what, tree, ptr, level)
 
             self._guard(what, walk)
         self.report.stats["metadata_blocks"] = n
+
+    def _verify_copies(self, what: str, tree: RadixTree, ptr: BlockPointer, level: int) -> None:
+        """Each copy of a node on its own. One bad copy beside a good one is healable damage
+        (reads use the good one; the server rewrites the bad one when it meets it, scrub or
+        check --repair at once); both bad is fatal, reported by the pass that needs the node."""
+        if not ptr.addr1:
+            return  # one copy: the walks that read the node judge it
+        bad = tree.store.bad_copies(ptr, tree.leaf_type if level == 0 else BT_INTERIOR)
+        if len(bad) != 1:
+            return
+        addr, problem = bad[0]
+        twin = ptr.addr1 if addr == ptr.addr0 else ptr.addr0
+        self.bad_copies[addr] = twin
+        self.report.add(
+            "bad_copy",
+            False,
+            f"block {addr}",
+            f"{what}: {_strip_hint(problem)}; its other copy at block {twin} is good, so "
+            "nothing is lost: the server heals it when it reads it, and 'snapctl scrub' or "
+            "'snapctl check --repair' rewrites it now",
+            healable=True,
+        )
 
     def _check_tables(self) -> None:
         pool = self.pool
@@ -602,6 +626,9 @@ def repair(device: Device) -> RepairReport:
         if count_wrong:
             fixed.append(f"superblock used-block count {sb_used} -> {alloc.used_blocks}")
             pool.sb_dirty = True
+    for bad, twin in walker.bad_copies.items():
+        pool.store.heals[bad] = bytes(device.pread(pool.block_size, twin * pool.block_size))
+        fixed.append(f"rewrote the bad metadata copy at block {bad} from its twin at {twin}")
     for d in before.defects:
         if d.kind == "superblock":
             fixed.append(f"rewrote {d.where} from the good one")

@@ -69,6 +69,7 @@ class Engine:
         claim: bool = True,
         checksums: bool = False,
         serve: bool = False,
+        metadata_copies: int = 1,
     ) -> Engine:
         """Open (with create_size and a missing path: create) the pool on path, exclusively.
         serve (implied by claim): the caller will write to it, so a read-only device is refused
@@ -80,6 +81,7 @@ class Engine:
             cache_bytes=cache_bytes,
             checksums=checksums,
             serve=serve or claim,
+            metadata_copies=metadata_copies,
         )
         try:
             engine = cls(device, pool, cow, cache_bytes, merge)
@@ -97,9 +99,10 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         force: bool = False,
         checksums: bool = False,
+        metadata_copies: int = 1,
     ) -> dict[str, object]:
         """Make a pool on path (opening.format_disk)."""
-        return format_disk(path, size, block_size, force, checksums)
+        return format_disk(path, size, block_size, force, checksums, metadata_copies)
 
     @staticmethod
     def upgrade(path: str) -> dict[str, object]:

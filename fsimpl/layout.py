@@ -160,9 +160,10 @@ class Superblock:
     bitmap_root1: int = ondisk("Q", "free-space bitmap root: second copy")
     bitmap_root_gen: int = ondisk("Q", "free-space bitmap root: the generation that wrote it")
     bitmap_root_csum: int = ondisk("I", "free-space bitmap root: its checksum")
+    metadata_copies: int = ondisk("B", "copies of every metadata block: 1 or 2 (0: 1)")
 
 
-SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3443)
+SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3442)
 
 
 def pack_superblock(sb: Superblock) -> bytes:

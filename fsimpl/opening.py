@@ -30,6 +30,7 @@ def open_pool(
     cache_bytes: int,
     checksums: bool,
     serve: bool = False,
+    metadata_copies: int = 1,
 ) -> tuple[Device, Pool]:
     """The pool on path, exclusively; with create_size and a missing path, a new image file.
     serve: the caller will write (serve it, claim it): a read-only device is refused now, with
@@ -37,11 +38,12 @@ def open_pool(
     if create_size is not None and not os.path.exists(path):
         check_size(create_size)
         _check_block_size(block_size, f"block-size={block_size}: ")
+        check_copies(metadata_copies, "metadata-copies=")
         device = _device(path, create=True)
         try:
             device.lock()
             return device, Pool.format(
-                device, block_size, create_size, True, cache_bytes, checksums
+                device, block_size, create_size, True, cache_bytes, checksums, metadata_copies
             )
         except BaseException:
             device.close()
@@ -75,6 +77,7 @@ def format_disk(
     block_size: int,
     force: bool,
     checksums: bool,
+    metadata_copies: int = 1,
 ) -> dict[str, object]:
     """Make a pool on path: a new image file (size required), an existing file, or a block
     device (live defaults to the device's size; thin either way). Refuses a disk that holds
@@ -82,6 +85,7 @@ def format_disk(
     if size is not None:
         check_size(size)
     _check_block_size(block_size, "")
+    check_copies(metadata_copies, "--metadata-copies ")
     created = not os.path.exists(path)
     if created and size is None:
         raise InvalidArgument(f"{path} does not exist: give --size to create an image file there")
@@ -99,7 +103,12 @@ def format_disk(
             if size <= 0:
                 raise InvalidArgument(f"{path} is empty: give --size for the live volume")
         pool = Pool.format(
-            device, block_size, size, not device.is_block_device, checksums=checksums
+            device,
+            block_size,
+            size,
+            not device.is_block_device,
+            checksums=checksums,
+            metadata_copies=metadata_copies,
         )
         return {
             "disk": path,
@@ -108,6 +117,7 @@ def format_disk(
             "capacity_bytes": pool.allocator.capacity * block_size,
             "growable": pool.sb.growable,
             "checksums": checksums,
+            "metadata_copies": metadata_copies,
             "pool_guid": pool.sb.pool_guid.hex(),
         }
     except BaseException:
@@ -147,6 +157,11 @@ def _check_block_size(block_size: int, prefix: str) -> None:
         check_block_size(block_size)
     except ValueError as e:
         raise InvalidArgument(f"{prefix}{e}") from None
+
+
+def check_copies(copies: int, prefix: str) -> None:
+    if copies not in (1, 2):
+        raise InvalidArgument(f"{prefix}{copies}: a pool keeps 1 or 2 copies of its metadata")
 
 
 def check_size(size: int) -> None:

@@ -206,8 +206,8 @@ def _hello(c: Call) -> Any:
     "`used_bytes`, `free_bytes`, `host_allocated_bytes`, `generation`, `volumes` "
     "(`{name, size_bytes, allocated_bytes, snapshots, connections}`), `snapshot_count`, "
     "`newest_snapshot`, `pending_deletes`, `role`, `peer`, `last_common`, `superseded`, `cow`, "
-    "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits}` since "
-    "the pool was opened), `time`",
+    "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits, "
+    "healed}` since the pool was opened), `metadata_copies`, `time`",
 )
 def _info(c: Call) -> Any:
     return c.engine.info()
@@ -236,8 +236,9 @@ def _commit(c: Call) -> Any:
     "check",
     "commit, then check the committed state (fsimpl/checker.py); repair needs the server "
     "stopped (`snapctl check --repair`)",
-    result='`{"clean", "fatal" (count), "defects": [{"kind", "fatal", "where", "message"}], '
-    '"stats"}`',
+    result='`{"clean", "fatal" (count), "healable" (count: bad copies with a good twin), '
+    '"healed" (bad copies healed since the server opened the pool), "defects": [{"kind", '
+    '"fatal", "where", "message", "healable"}], "stats"}`',
 )
 def _check_pool(c: Call) -> Any:
     return c.engine.check_committed()
@@ -245,8 +246,11 @@ def _check_pool(c: Call) -> Any:
 
 @operation(
     "scrub",
-    "read every data block of live and every snapshot; verify it on a pool with checksums",
-    result="`{blocks, bytes, checksums, bad: [{map, block, address, error}]}`",
+    "verify both copies of every metadata block (a bad copy is rewritten from its good twin "
+    "by the commit that ends the pass), then read every data block of live and every "
+    "snapshot, verifying it on a pool with checksums",
+    result="`{metadata_blocks, metadata_healed, metadata_lost: [{tree, address, error}], "
+    "blocks, bytes, checksums, bad: [{map, block, address, error}]}`",
     progress=True,
 )
 def _scrub(c: Call) -> Any:

@@ -5,12 +5,11 @@ checker over the committed state, and scrub, which reads and verifies every data
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
-from .checker import check
+from .checker import check, report_json
 from .core import OperationModule, Progress
 from .errors import DittoError, InvalidArgument
-from .layout import FORMAT_VERSION, KIND_ADDR, ROLE_NAMES, SNAP_ACTIVE
+from .layout import BT_INTERIOR, FORMAT_VERSION, KIND_ADDR, ROLE_NAMES, SNAP_ACTIVE
 from .volume import read_checked
 
 
@@ -62,7 +61,9 @@ class PoolOps(OperationModule):
                     "write": stats.write_errors,
                     "checksum": stats.checksum_errors,
                     "failed_commits": self.core.failures,
+                    "healed": pool.store.healed,
                 },
+                "metadata_copies": pool.store.copies,
                 "time": time.time(),
             }
 
@@ -91,17 +92,16 @@ class PoolOps(OperationModule):
         """Commit, then verify the committed state on disk (checker.py), under the lock."""
         with self.lock:
             self.core.commit()
-            report = check(self.core.device)
-            return {
-                "clean": report.clean,
-                "fatal": len(report.fatal),
-                "defects": [asdict(d) for d in report.defects],
-                "stats": report.stats,
-            }
+            report = report_json(check(self.core.device))
+            report["healed"] = self.pool.store.healed
+            return report
 
     def scrub(self, progress: Progress | None = None) -> dict[str, object]:
-        """Read every data block the pool holds (live and every snapshot) and, on a pool with
-        data checksums, verify each against its CRC. The lock is taken per block."""
+        """Verify both copies of every metadata block, healing a bad copy from its good twin
+        (rewritten by the commit that ends the pass); then read every data block the pool holds
+        (live and every snapshot) and, on a pool with data checksums, verify each against its
+        CRC. The lock is taken per tree and per data block."""
+        metadata = self._scrub_metadata()
         with self.lock:
             pool = self.pool
             maps = [
@@ -142,4 +142,36 @@ class PoolOps(OperationModule):
             "bytes": done * self.pool.block_size,
             "checksums": checksums,
             "bad": bad,
+            **metadata,
         }
+
+    def _scrub_metadata(self) -> dict[str, object]:
+        with self.lock:
+            names = [name for name, _ in self.pool.metadata_trees()]
+        nodes = healed = 0
+        lost: list[dict[str, object]] = []
+        for name in names:
+            with self.lock:  # a tree is small next to the data; it cannot change under us
+                tree = dict(self.pool.metadata_trees()).get(name)
+                if tree is None or tree.is_dirty:
+                    continue  # gone, or changing: its new nodes are written whole
+                store = tree.store
+                try:
+                    for ptr, level in tree.all_node_pointers():
+                        nodes += 1
+                        btype = tree.leaf_type if level == 0 else BT_INTERIOR
+                        bad = store.bad_copies(ptr, btype)
+                        copies = [a for a in (ptr.addr0, ptr.addr1) if a]
+                        if len(bad) == len(copies):
+                            lost.append({"tree": name, "address": ptr.addr0, "error": bad[0][1]})
+                        elif bad and bad[0][0] not in store.heals:
+                            addr, problem = bad[0]
+                            good = ptr.addr1 if addr == ptr.addr0 else ptr.addr0
+                            data = self.core.device.pread(store.block_size, good * store.block_size)
+                            store.queue_heal(addr, good, bytes(data), f"scrub: {problem}; its twin")
+                            healed += 1
+                except DittoError as e:  # an interior node with no good copy: its subtree
+                    lost.append({"tree": name, "address": -1, "error": str(e)})
+        with self.lock:
+            self.core.commit()  # writes the healed copies
+        return {"metadata_blocks": nodes, "metadata_healed": healed, "metadata_lost": lost}

@@ -7,6 +7,12 @@ lost or misdirected write is caught on read), leaves hold fixed-size records. A 
 `key // leaf_capacity`; an absent subtree (address 0) means "all records zero", which is why a
 new snapshot's shadow map costs nothing: it is an empty tree.
 
+With two metadata copies (a pool formatted so), every node is written at two addresses far
+apart, the same bytes at both (the header names both), and its pointer carries both. A read
+whose first copy fails (bad checksum, wrong version, a read error) is served from the second;
+the bad copy is rewritten from the good one at the next commit (it holds the same committed
+bytes, so rewriting it in place changes nothing any state relies on) and the heal is counted.
+
 Copy-on-write rules (the crash-safety argument rests on them):
 * A committed node is never modified in place. The first change in a transaction turns it
   *dirty*: it leaves the address cache and its old address is freed through `free_address`,
@@ -26,12 +32,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 from .device import Device
-from .errors import CorruptMetadata
+from .errors import CorruptMetadata, DittoError
 from .layout import (
     BT_INTERIOR,
     FORMAT_VERSION,
     HEADER_SIZE,
     NO_POINTER,
+    BlockHeader,
     BlockPointer,
     get_pointer,
     get_pointer_v1,
@@ -86,6 +93,12 @@ class MetaStore:
         self.nodes_read = 0
         self.nodes_written = 0
         self.dirty_nodes = 0  # dirtied or created since the last commit (an upper bound)
+        self.copies = 1  # metadata copies written (the pool's setting)
+        self.allocate_far: Callable[[int], int] = _no_allocator_far
+        # bad copies to rewrite at the next commit: address -> the good bytes (same block)
+        self.heals: dict[int, bytes] = {}
+        self.healed = 0  # copies found bad and served from the other, since open
+        self.report: Callable[[str], None] = lambda message: None
 
     def load(self, ptr: BlockPointer, btype: int, level: int) -> Node:
         """The node ptr points to, verified: checksum, type, address, and that it is the
@@ -95,12 +108,20 @@ class MetaStore:
         if node is not None and (not ptr.generation or node.pointer == ptr):
             self.cache.move_to_end(addr)
             return node
-        buf = self.device.pread(self.block_size, addr * self.block_size)
         try:
-            hdr = open_block(buf, addr, btype, ptr)
-        except CorruptMetadata:
-            self.device.stats.checksum_errors += 1
-            raise
+            buf, hdr = self._read_copy(addr, btype, ptr)
+        except DittoError as first:
+            if not ptr.addr1:
+                raise
+            try:
+                buf, hdr = self._read_copy(ptr.addr1, btype, ptr)
+            except DittoError as second:
+                raise CorruptMetadata(
+                    f"both copies of a metadata block failed: {first}; and {second}",
+                    addr,
+                    getattr(first, "block_type", ""),
+                ) from None
+            self.queue_heal(addr, ptr.addr1, bytes(buf), f"{first}; served from its second copy")
         node = Node(buf, hdr.level, addr, hdr.records)
         node.pointer = ptr
         self.nodes_read += 1
@@ -109,20 +130,60 @@ class MetaStore:
             self.cache.popitem(last=False)
         return node
 
+    def _read_copy(self, addr: int, btype: int, ptr: BlockPointer) -> tuple[bytearray, BlockHeader]:
+        buf = self.device.pread(self.block_size, addr * self.block_size)
+        try:
+            return buf, open_block(buf, addr, btype, ptr)
+        except CorruptMetadata:
+            self.device.stats.checksum_errors += 1
+            raise
+
+    def queue_heal(self, bad: int, good: int, data: bytes, why: str) -> None:
+        """Rewrite the copy at `bad` with `data` (its twin's verified bytes, read from `good`)
+        at the next commit; counted and logged once per block."""
+        if bad in self.heals:
+            return
+        self.healed += 1
+        self.heals[bad] = data
+        self.report(f"{why} at block {good}, and rewritten from it at the next commit")
+
+    def bad_copies(self, ptr: BlockPointer, btype: int) -> list[tuple[int, str]]:
+        """(address, what is wrong) for each copy of ptr's node that does not verify, read
+        from the device (not the cache): the checker's and the scrub's view of both copies."""
+        bad = []
+        for addr in (ptr.addr0, ptr.addr1):
+            if not addr:
+                continue
+            try:
+                self._read_copy(addr, btype, ptr)
+            except DittoError as e:
+                bad.append((addr, str(e)))
+        return bad
+
     def make_dirty(self, node: Node) -> None:
         if node.dirty:
             return
         node.dirty = True
         self.dirty_nodes += 1
         if node.addr:
-            self.cache.pop(node.addr, None)
-            self.free_address(node.addr)
+            self.forget(node.pointer if node.pointer.addr0 else BlockPointer(node.addr))
             node.addr = 0
 
-    def forget(self, addr: int) -> None:
-        """Free a clean node's address (its tree no longer references it)."""
-        self.cache.pop(addr, None)
-        self.free_address(addr)
+    def forget(self, ptr: BlockPointer) -> None:
+        """Free a clean node's copies (its tree no longer references it)."""
+        for addr in (ptr.addr0, ptr.addr1):
+            if addr:
+                self.cache.pop(addr, None)
+                self.heals.pop(addr, None)
+                self.free_address(addr)
+
+    def write_heals(self) -> int:
+        """Rewrite the bad copies found since the last commit from their good twins (called by
+        the commit before it syncs). Returns how many."""
+        heals, self.heals = self.heals, {}
+        for addr, good in heals.items():
+            self.device.pwrite(good, addr * self.block_size)
+        return len(heals)
 
     def write(
         self,
@@ -134,13 +195,18 @@ class MetaStore:
     ) -> BlockPointer:
         """Write node at a fresh address; returns the pointer its parent (or owner) keeps."""
         addr = (allocate or self.allocate_address)()
+        addr1 = 0
+        if self.copies > 1:  # far from the first, unless the caller hands out the addresses
+            addr1 = allocate() if allocate else self.allocate_far(addr)
         gen = self.generation
-        crc = seal_block(node.buf, btype, addr, gen, owner, node.level, node.count, key_base)
+        crc = seal_block(node.buf, btype, addr, gen, owner, node.level, node.count, key_base, addr1)
         self.device.pwrite(node.buf, addr * self.block_size)
+        if addr1:
+            self.device.pwrite(node.buf, addr1 * self.block_size)
         self.nodes_written += 1
         node.addr = addr
         node.dirty = False
-        node.pointer = BlockPointer(addr, 0, gen, crc)
+        node.pointer = BlockPointer(addr, addr1, gen, crc)
         self.cache[addr] = node
         if len(self.cache) > self.cache_limit:
             self.cache.popitem(last=False)
@@ -161,6 +227,10 @@ def _no_allocator() -> int:
 
 
 def _no_allocator_free(addr: int) -> None:
+    raise AssertionError("metadata store used before the allocator was attached")
+
+
+def _no_allocator_far(near: int) -> int:
     raise AssertionError("metadata store used before the allocator was attached")
 
 
@@ -467,18 +537,26 @@ class RadixTree:
             node = self.store.load(ptr, BT_INTERIOR, level)
             for slot in nonzero_records(node.buf, self.store.pointer_size):
                 freed += self._free_clean(self.store.get_pointer(node.buf, slot), level - 1)
-        self.store.forget(ptr.addr0)
+        self.store.forget(ptr)
         return freed
 
     def all_node_addresses(self) -> Iterator[tuple[int, int]]:
-        """(address, level) of every committed node: for the checker. Tree must be clean."""
+        """(address, level) of every committed node, both copies: for the checker. Tree must
+        be clean."""
+        for ptr, level in self.all_node_pointers():
+            yield ptr.addr0, level
+            if ptr.addr1:
+                yield ptr.addr1, level
+
+    def all_node_pointers(self) -> Iterator[tuple[BlockPointer, int]]:
+        """(pointer, level) of every committed node, parents first. Tree must be clean."""
         assert self.root_node is None
         if self.root.addr0:
-            yield from self._addresses(self.root, self.height)
+            yield from self._pointers(self.root, self.height)
 
-    def _addresses(self, ptr: BlockPointer, level: int) -> Iterator[tuple[int, int]]:
-        yield ptr.addr0, level
+    def _pointers(self, ptr: BlockPointer, level: int) -> Iterator[tuple[BlockPointer, int]]:
+        yield ptr, level
         if level > 0:
             node = self.store.load(ptr, BT_INTERIOR, level)
             for slot in nonzero_records(node.buf, self.store.pointer_size):
-                yield from self._addresses(self.store.get_pointer(node.buf, slot), level - 1)
+                yield from self._pointers(self.store.get_pointer(node.buf, slot), level - 1)

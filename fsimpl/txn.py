@@ -16,6 +16,7 @@ transaction by reloading the committed state.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -49,10 +50,12 @@ from .layout import (
     root_pointer,
     unpack_superblock,
 )
-from .radix import MetaStore
+from .radix import MetaStore, RadixTree
 from .rundir import pid_alive
 from .tables import inode_table, snapshot_table
 from .volume import DataContext, Volume
+
+log = logging.getLogger("dittofs")
 
 DEFAULT_CACHE_BYTES = 64 << 20
 IMAGE_INITIAL_BLOCKS = 64
@@ -120,6 +123,8 @@ class Pool:
         self.sb = sb
         self.block_size = sb.block_size
         self.store = MetaStore(device, sb.block_size, cache_bytes, sb.version)
+        self.store.copies = max(1, sb.metadata_copies)
+        self.store.report = lambda message: log.warning("%s", message)
         self.store.generation = sb.generation + 1
         self.allocator = Allocator(self.store, sb.capacity_blocks, sb.growable, sb.reserve_blocks)
         self.inodes = inode_table(self.store, root_pointer(sb, "inode"), sb.inode_height)
@@ -179,8 +184,11 @@ class Pool:
         growable: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         checksums: bool = False,
+        metadata_copies: int = 1,
     ) -> Pool:
         check_block_size(block_size)
+        if metadata_copies not in (1, 2):
+            raise ValueError(f"metadata copies: {metadata_copies}; use 1 or 2")
         first = first_data_block(block_size)
         if growable:
             capacity = first + IMAGE_INITIAL_BLOCKS
@@ -200,6 +208,7 @@ class Pool:
             growable=growable,
             features=FEATURE_DATA_CHECKSUMS if checksums else 0,
             reserve_blocks=0 if growable else _reserve(capacity),
+            metadata_copies=metadata_copies,
         )
         # Both slots are wiped first: a power cut during a re-format must not bring back the
         # pool that was there, whose blocks the new one is about to overwrite.
@@ -403,7 +412,20 @@ class Pool:
         tables = (self.inodes.height + 2) * (1 + len(self.dirty_inodes) + len(self.dirty_maps))
         tables += (self.snaptab.height + 2) * (1 + len(self.dirty_snaps))
         bitmap = (len(self.allocator.dirty_leaves) + 2) * (self.allocator.tree.height + 2)
-        return self.store.dirty_nodes + tables + bitmap
+        return (self.store.dirty_nodes + tables + bitmap) * self.store.copies
+
+    def metadata_trees(self) -> list[tuple[str, RadixTree]]:
+        """Every metadata tree of the committed state, named for messages."""
+        trees = [
+            ("inode table", self.inodes.tree),
+            ("snapshot table", self.snaptab.tree),
+            ("free-space bitmap", self.allocator.tree),
+        ]
+        for vol in self.volumes.values():
+            trees.append((f"volume {vol.name} map", vol.live.tree))
+            for sid, shadow in vol.shadows.items():
+                trees.append((f"snapshot {sid} map of {vol.name}", shadow.tree))
+        return trees
 
     @property
     def is_dirty(self) -> bool:
@@ -413,6 +435,7 @@ class Pool:
             or self.dirty_snaps
             or self.allocator.dirty_leaves
             or self.sb_dirty
+            or self.store.heals
         )
 
     def commit(self) -> bool:
@@ -430,6 +453,7 @@ class Pool:
             self.snaptab.put(sid, srec)
         self.snaptab.commit()
         self.allocator.commit()
+        self.store.write_heals()  # bad copies found since the last commit, rewritten
 
         # The new superblock is built aside: the in-memory one changes only once the new one
         # is durable, so a failed commit never skips a generation into the slot of the last

@@ -53,6 +53,7 @@ _KEYS = (
     "threads",
     "nbd",
     "checksum",
+    "metadata-copies",
 )
 _engine: Engine | None = None
 _control: ControlServer | None = None
@@ -133,6 +134,13 @@ def config_complete() -> None:
         _refuse(InvalidArgument("disk=PATH is required (an image file or a block device)"))
 
 
+def _copies() -> int:
+    value = _config.get("metadata-copies", "1")
+    if value not in ("1", "2"):
+        raise InvalidArgument(f"metadata-copies={value}: use 1 or 2")
+    return int(value)
+
+
 def _size(key: str, default: str) -> int:
     # fsimpl's parser, not nbdkit.parse_size: that one logs its own error line first
     return parse_size(_config.get(key, default), f"{key}=")
@@ -171,6 +179,7 @@ def get_ready() -> None:
             claim=False,
             serve=True,
             checksums=_config.get("checksum", "off") in ("on", "yes", "1", "true"),
+            metadata_copies=_copies(),
         )
     except DittoError as e:
         _refuse(e)

@@ -100,6 +100,7 @@ VOLUME_CHANGED = r"the volume changed under this connection"
 NO_SUCH_SNAPSHOT = r"no snapshot named '[^']*'"
 NO_SUCH_VOLUME = r"no volume named '[^']*'"
 BAD_METADATA = r"metadata block \d+ \([^)]*\) (failed its checksum|claims address)"
+HEALED_COPY = r"at block \d+, and rewritten from it at the next commit"  # a bad copy, healed
 POOL_SPANS_MORE = r"is \d+ bytes but its pool spans \d+"
 NOT_A_POOL = r"holds no dittofs pool"
 IN_USE = r"is in use by process \d+"

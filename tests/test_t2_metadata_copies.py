@@ -1,0 +1,248 @@
+"""Two copies of every metadata block (format --metadata-copies 2), in-process.
+
+The pool holds snapshots, a second volume, a clone and a written writable snapshot, and was
+left after a flush without a clean close. Every committed metadata block is then damaged, one at
+a time, in its first copy, four ways: bytes flipped, zeroed, replaced by an older version of
+itself (a lost write: a valid block of the same address and type from an earlier generation),
+and replaced by another block's records (a misdirected write). Each time, every export reads
+exactly what it held, `info` counts the heal, the next commit rewrites the bad copy from the good
+one, and the checker is clean. With both copies damaged, the requests that need the block get a
+clean error and everything else is served exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from support.data import pattern
+from support.logcheck import BAD_METADATA, HEALED_COPY
+from t8_helpers import MetaBlock, metadata_blocks
+
+from fsimpl import checker
+from fsimpl import layout as L
+from fsimpl.device import Device
+from fsimpl.engine import Engine
+from fsimpl.errors import CorruptMetadata
+
+BS = 4096
+SIZE = 8 << 20
+
+
+def build(path: Path) -> dict[str, str]:
+    """The pool; returns the sha256 of every export."""
+    eng = Engine.open(str(path), create_size=SIZE, block_size=BS, claim=False, metadata_copies=2)
+
+    def write(export: str, tag: int, first: int, blocks: int) -> None:
+        ex = eng.open_export(export, False)
+        eng.write(ex, memoryview(pattern(tag, blocks * BS)), first * BS)
+
+    for i in range(0, 2000, 61):  # spread: several map leaves and an interior level
+        write("live", i + 1, i, 3)
+    eng.create_snapshot("s1")
+    for i in range(20, 2000, 250):  # the snapshot's shadow map spans leaves too
+        write("live", 90 + i, i, 4)
+    eng.create_volume("vol2", SIZE)
+    for i in range(0, 2000, 300):
+        write("vol2", 91 + i, i, 5)
+    eng.create_snapshot("s2")
+    eng.clone("live@s1", "cl")
+    write("cl", 92, 5, 5)
+    eng.create_snapshot("ws", ["vol2"], writable=True)
+    write("vol2@ws", 93, 3, 4)
+    eng.flush()
+    sums = exports(eng)
+    eng.device.close()  # a crash after the flush: no clean close
+    return sums
+
+
+def exports(eng: Engine) -> dict[str, str]:
+    out = {}
+    for name, _ in eng.export_names():
+        if name.endswith("@latest"):
+            continue
+        ex = eng.open_export(name, True)
+        buf = bytearray(ex.size)
+        eng.read(ex, memoryview(buf), 0)
+        out[name] = hashlib.sha256(buf).hexdigest()
+    return out
+
+
+def raw(path: Path, block: int) -> bytearray:
+    with open(path, "rb") as f:
+        f.seek(block * BS)
+        return bytearray(f.read(BS))
+
+
+def put(path: Path, block: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(block * BS)
+        f.write(data)
+
+
+def damage(path: Path, m: MetaBlock, how: str, others: list[MetaBlock]) -> None:
+    buf = raw(path, m.addr)
+    hdr = L.open_block(buf, m.addr, m.btype)
+    if how == "flipped":
+        for i in range(200, 232):
+            buf[i] ^= 0xFF
+    elif how == "zeroed":
+        buf = bytearray(BS)
+    elif how == "older-version":  # valid on its own: same address, an earlier generation
+        buf[-1] ^= 0x5A
+        L.seal_block(
+            buf, m.btype, m.addr, hdr.generation - 1, hdr.owner, hdr.level, hdr.records,
+            hdr.key_base, hdr.address1,
+        )  # fmt: skip
+    else:  # misdirected: another block of the same type landed here
+        same = [o for o in others if o.btype == m.btype and o.addr != m.addr]
+        other = (same or [o for o in others if o.addr != m.addr])[0]
+        buf = raw(path, other.addr)
+    put(path, m.addr, bytes(buf))
+
+
+def first_copies(path: Path) -> list[MetaBlock]:
+    blocks, _ = metadata_blocks(path)
+    return blocks  # the walk lists each node once, at its first copy
+
+
+def test_every_node_has_two_copies_far_apart(tmp_path: Path) -> None:
+    path = tmp_path / "pool.img"
+    build(path)
+    eng = Engine.open(str(path), claim=False)
+    try:
+        assert eng.info()["metadata_copies"] == 2
+        trees = [eng.pool.inodes.tree, eng.pool.snaptab.tree, eng.pool.allocator.tree]
+        trees += [m.tree for v in eng.pool.volumes.values() for m in [v.live, *v.shadows.values()]]
+        pairs = []
+        for tree in trees:
+            addrs = [a for a, _ in tree.all_node_addresses()]
+            pairs += list(zip(addrs[0::2], addrs[1::2], strict=True))
+        assert len(pairs) >= 20
+        for a, b in pairs:
+            assert a != b and raw(path, a) == raw(path, b), (a, b)
+            assert abs(a - b) >= 16, f"copies {a} and {b} are neighbours"
+    finally:
+        eng.close()
+    dev = Device(str(path), readonly=True)
+    try:
+        assert checker.check(dev).clean
+    finally:
+        dev.close()
+
+
+@pytest.mark.engine_log(HEALED_COPY, BAD_METADATA)
+@pytest.mark.parametrize("how", ["flipped", "zeroed", "older-version", "misdirected"])
+def test_every_block_damaged_in_its_first_copy_is_healed(tmp_path: Path, how: str) -> None:
+    pristine = tmp_path / "pristine.img"
+    want = build(pristine)
+    blocks = first_copies(pristine)
+    assert len(blocks) >= 20, len(blocks)
+    healed = 0
+    for m in blocks:
+        path = tmp_path / "pool.img"
+        path.write_bytes(pristine.read_bytes())
+        damage(path, m, how, blocks)
+        before = check(path)
+        assert [(d.kind, d.fatal, d.healable, d.where) for d in before.defects] == [
+            ("bad_copy", False, True, f"block {m.addr}")
+        ], f"{m} ({how}): {[d.message for d in before.defects]}"
+        eng = Engine.open(str(path), claim=False)
+        try:
+            assert exports(eng) == want, f"{m} ({how}): an export reads differently"
+            info = eng.info()
+            assert info["errors"]["healed"] >= 1, f"{m} ({how}): no heal counted"  # type: ignore[index]
+            eng.flush()  # the commit rewrites the bad copy
+        finally:
+            eng.close()
+        good = raw(path, m.addr)
+        L.open_block(good, m.addr, m.btype)  # the first copy is whole again
+        report = check(path)
+        assert report.clean, f"{m} ({how}): {[d.message for d in report.defects[:3]]}"
+        healed += 1
+    assert healed == len(blocks)
+
+
+def check(path: Path) -> checker.CheckReport:
+    dev = Device(str(path), readonly=True)
+    try:
+        return checker.check(dev)
+    finally:
+        dev.close()
+
+
+@pytest.mark.engine_log(HEALED_COPY, BAD_METADATA)
+@pytest.mark.parametrize("copy", [0, 1])
+def test_scrub_heals_every_bad_copy_and_repair_does_too(tmp_path: Path, copy: int) -> None:
+    """Scrub (in the server: the engine here) heals either copy of any block, read or not;
+    check --repair heals it with no server."""
+    pristine = tmp_path / "pristine.img"
+    want = build(pristine)
+    blocks = first_copies(pristine)
+    for i, m in enumerate(blocks):
+        target = (
+            m.addr if copy == 0 else L.open_block(raw(pristine, m.addr), m.addr, m.btype).address1
+        )
+        path = tmp_path / "pool.img"
+        path.write_bytes(pristine.read_bytes())
+        put(path, target, bytes(BS))
+        if i % 2:
+            eng = Engine.open(str(path), claim=False)
+            try:
+                result = eng.scrub()
+                assert result["metadata_lost"] == [], m
+                opened_heals = eng.info()["errors"]["healed"]  # type: ignore[index]
+                assert opened_heals == 1, f"{m}: {result}"
+                assert exports(eng) == want
+            finally:
+                eng.close()
+        else:
+            dev = Device(str(path))
+            try:
+                fixed = checker.repair(dev)
+            finally:
+                dev.close()
+            assert fixed.exit_code == 1, (m, fixed.fixed, fixed.after.defects)
+            assert fixed.fixed == [
+                f"rewrote the bad metadata copy at block {target} from its twin at "
+                f"{m.addr if copy else L.open_block(raw(path, m.addr), m.addr, m.btype).address1}"
+            ]
+        assert check(path).clean, m
+        assert raw(path, target) != bytes(BS), m
+
+
+@pytest.mark.engine_log(BAD_METADATA, "both copies")
+def test_both_copies_damaged_is_a_clean_error_and_the_rest_is_served(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine.img"
+    want = build(pristine)
+    leaf = next(
+        m for m in first_copies(pristine) if m.tree == "vol2 map" and m.btype == L.BT_MAP_LEAF
+    )
+    path = tmp_path / "pool.img"
+    path.write_bytes(pristine.read_bytes())
+    second = L.open_block(raw(path, leaf.addr), leaf.addr, leaf.btype).address1
+    assert second and second != leaf.addr
+    for addr in (leaf.addr, second):
+        put(path, addr, bytes(BS))
+    eng = Engine.open(str(path), claim=False)
+    try:
+        ex = eng.open_export("vol2", True)
+        with pytest.raises(CorruptMetadata, match="both copies"):
+            eng.read(ex, memoryview(bytearray(BS)), leaf.first_key * BS)
+        got = exports_except(eng, "vol2")  # vol2's snapshots read through its live map too
+        assert got == {k: v for k, v in want.items() if k.split("@")[0] != "vol2"}
+    finally:
+        eng.device.close()
+
+
+def exports_except(eng: Engine, skip: str) -> dict[str, str]:
+    out = {}
+    for name, _ in eng.export_names():
+        if name.endswith("@latest") or name.split("@")[0] == skip:
+            continue
+        ex = eng.open_export(name, True)
+        buf = bytearray(ex.size)
+        eng.read(ex, memoryview(buf), 0)
+        out[name] = hashlib.sha256(buf).hexdigest()
+    return out

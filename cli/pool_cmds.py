@@ -215,7 +215,7 @@ def _show_report(report: dict[str, Any], as_json: bool) -> None:
     if report["clean"]:
         verdict = "clean"
         if healed:
-            verdict += f" ({healed} bad metadata copies healed by the server)"
+            verdict += f" ({healed} damaged metadata copies healed by the server)"
     elif report.get("healable") and not report["fatal"]:
         verdict = (
             f"{len(report['defects'])} defect(s), {report['healable']} healable (a bad metadata "

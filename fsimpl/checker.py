@@ -54,11 +54,11 @@ from .layout import (
     KIND_NONE,
     KIND_ORIGIN,
     OP_ROLLBACK,
+    RESERVED_BYTES,
     SECTOR,
     SNAP_ACTIVE,
     SNAP_DELETING,
     SUPERBLOCK_OFFSETS,
-    SUPERBLOCK_SIZE,
     BlockPointer,
     Entry,
     InodeRecord,
@@ -152,16 +152,17 @@ def check(device: Device) -> CheckReport:
 
 
 def _check_superblocks(device: Device, report: CheckReport) -> None:
-    """Both slots: each must hold a valid superblock of this pool, the older one the newest
-    one's predecessor. A bad slot is never fatal (the other one serves) and always repairable:
-    the next commit writes the slot that is not the newest valid one."""
-    raw = device.pread(2 * SUPERBLOCK_SIZE, 0)
+    """Every slot must hold a valid superblock of this pool: the newest generation in its two
+    slots, its predecessor in the other two. A bad slot is never fatal while a copy of the
+    newest generation is good (the open that follows judges the rest) and always repairable:
+    the next two commits rewrite every slot."""
+    raw = device.pread(RESERVED_BYTES, 0)
     tname = BLOCK_TYPE_NAMES[BT_SUPER]
     found: dict[int, Superblock] = {}
     problems: dict[int, str] = {}
     for slot, off in enumerate(SUPERBLOCK_OFFSETS):
         try:
-            found[slot] = unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path)
+            found[slot] = unpack_superblock(raw[off:], device.path)
         except CorruptMetadata:
             problems[slot] = "fails its checksum (a torn or corrupted write)"
         except NotAPool:
@@ -171,15 +172,15 @@ def _check_superblocks(device: Device, report: CheckReport) -> None:
     if not found:
         return  # the open that follows says why the pool cannot be used
     newest = max(found.values(), key=lambda s: s.generation)
+    if newest.version == 1:
+        return  # refused by the open that follows, with the way to upgrade
     for slot, sb in found.items():
-        if sb is newest:
-            continue
+        want = newest.generation - (0 if slot % 2 == newest.generation % 2 else 1)
         if sb.pool_guid != newest.pool_guid or sb.block_size != newest.block_size:
             problems[slot] = "is stale: it belongs to another pool that was on this disk"
-        elif sb.generation != newest.generation - 1:
+        elif sb.generation != want:
             problems[slot] = (
-                f"is stale: generation {sb.generation}, where generation "
-                f"{newest.generation - 1} should precede the newest ({newest.generation})"
+                f"is stale: generation {sb.generation}, where it should hold generation {want}"
             )
     for slot, problem in sorted(problems.items()):
         off = SUPERBLOCK_OFFSETS[slot]
@@ -187,9 +188,10 @@ def _check_superblocks(device: Device, report: CheckReport) -> None:
             "superblock",
             False,
             f"superblock slot {slot}",
-            f"superblock slot {slot} (byte {off}, {tname}) {problem}; the other slot "
-            f"(generation {newest.generation}) is good and 'snapctl check --repair' "
-            "rewrites this one",
+            f"superblock slot {slot} (byte {off}, {tname}) {problem}; a copy of the newest "
+            f"generation ({newest.generation}) is good and 'snapctl check --repair' rewrites "
+            "this one",
+            healable=True,
         )
 
 
@@ -629,11 +631,15 @@ def repair(device: Device) -> RepairReport:
     for bad, twin in walker.bad_copies.items():
         pool.store.heals[bad] = bytes(device.pread(pool.block_size, twin * pool.block_size))
         fixed.append(f"rewrote the bad metadata copy at block {bad} from its twin at {twin}")
-    for d in before.defects:
-        if d.kind == "superblock":
-            fixed.append(f"rewrote {d.where} from the good one")
-            pool.sb_dirty = True
+    slots = [d for d in before.defects if d.kind == "superblock"]
+    for d in slots:
+        fixed.append(f"rewrote {d.where} from the good one")
+    if slots:
+        pool.sb_dirty = True
     if fixed:
+        pool.commit()
+    if slots:  # the second commit rewrites the other generation's two slots
+        pool.sb_dirty = True
         pool.commit()
     after = check(device)
     return RepairReport(before, fixed, after)

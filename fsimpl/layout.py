@@ -4,10 +4,12 @@ Nothing outside this module packs or unpacks bytes. Every struct is declared by 
 (records.py): a record is a dataclass whose fields carry their struct code and meaning, a packed
 struct is a `Layout` of named rows; either way one declaration gives the struct, its packing, and
 its table in docs/format.md (`python -m fsimpl.layout` prints them; a test keeps the document
-equal to it). Format version 1:
+equal to it). Format version 2:
 
-    byte 0        superblock slot 0 (4 KiB)    the valid slot with the highest generation wins
-    byte 4096     superblock slot 1 (4 KiB)    slot = generation % 2
+    byte 0        superblock slot 0 (2 KiB)    generation g: slot g % 2, then slot 2 + g % 2
+    byte 2048     superblock slot 1 (2 KiB)    (two copies, in different 4 KiB pages); the
+    byte 4096     superblock slot 2 (2 KiB)    newest generation with a valid copy wins, and
+    byte 6144     superblock slot 3 (2 KiB)    each keeps a ring of the 8 before it (rewind)
     block N..     metadata and data blocks, one allocator for both (block size B, 4 KiB - 1 MiB)
 
 Every metadata block starts with a 64-byte header: a CRC-32 of everything after the checksum
@@ -27,6 +29,7 @@ peer and last common snapshot, and an in-use record (host, PID) for multihost pr
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -46,9 +49,19 @@ FORMAT_VERSION = 2
 # of its version 2 form.
 UPGRADABLE_VERSIONS = (1,)
 
-SUPERBLOCK_SIZE = 4096
-SUPERBLOCK_OFFSETS = (0, 4096)
-RESERVED_BYTES = 8192  # both slots; the first block after them is the first allocatable one
+# Four superblock slots of 2 KiB in the first 8 KiB. Generation g is written to slot g % 2 (the
+# first 4 KiB page) and then to slot 2 + g % 2 (the second page): two copies of every generation
+# in different sectors, the two newest generations kept. Only one page is ever being written
+# (a sync separates them), so a torn write, even a device's read-modify-write of a whole 4 KiB
+# sector, can take at most the slots of one page.
+SUPERBLOCK_SIZE = 2048
+SUPERBLOCK_OFFSETS = (0, 2048, 4096, 6144)
+RESERVED_BYTES = 8192  # the slots; the first block after them is the first allocatable one
+# Version 1 kept one 4 KiB slot per generation, at 0 and 4096 (generation % 2).
+SUPERBLOCK_V1_SIZE = 4096
+SUPERBLOCK_V1_OFFSETS = (0, 4096)
+ROOT_RING = 8  # committed roots every superblock remembers: the rewindable history
+DEFER_GENERATIONS = 2  # a block freed by commit g is reused only after commit g + 2: whole
 
 MIN_BLOCK_SIZE = 4096
 MAX_BLOCK_SIZE = 1 << 20
@@ -62,8 +75,13 @@ ROLE_NONE, ROLE_PRIMARY, ROLE_STANDBY = 0, 1, 2
 ROLE_NAMES = {ROLE_NONE: "none", ROLE_PRIMARY: "primary", ROLE_STANDBY: "standby"}
 
 
+def superblock_slots(generation: int) -> tuple[int, int]:
+    """The two slots (indexes into SUPERBLOCK_OFFSETS) of a generation, in write order."""
+    return generation % 2, 2 + generation % 2
+
+
 def first_data_block(block_size: int) -> int:
-    """The first block number not covered by the two superblock slots."""
+    """The first block number not covered by the superblock slots."""
     return (RESERVED_BYTES + block_size - 1) // block_size
 
 
@@ -112,13 +130,15 @@ def _crc(buf: bytes | bytearray | memoryview, btype: int) -> int:
 
 @dataclass(kw_only=True)
 class Superblock:
-    checksum: int = ondisk("I", "CRC-32 of bytes 4..4096 of the slot, salted", hidden=True)
+    checksum: int = ondisk(
+        "I", "CRC-32 of the rest of the slot (4..2048; version 1: 4..4096), salted", hidden=True
+    )
     magic: bytes = ondisk("8s", "`DITTOFS\\0`", MAGIC, hidden=True)
     version: int = ondisk("I", "format version", FORMAT_VERSION)
     features: int = ondisk(
         "I", "feature bits; a pool with a bit this code does not know is refused"
     )
-    generation: int = ondisk("Q", "commit generation; the slot is generation % 2")
+    generation: int = ondisk("Q", "commit generation; its slots are g % 2 and 2 + g % 2")
     block_size: int = ondisk("I", "block size in bytes")
     growable: bool = ondisk("B", "an image file that grows on demand", False)
     role: int = ondisk("B", "standby role: 0 none, 1 primary, 2 standby", ROLE_NONE)
@@ -161,9 +181,70 @@ class Superblock:
     bitmap_root_gen: int = ondisk("Q", "free-space bitmap root: the generation that wrote it")
     bitmap_root_csum: int = ondisk("I", "free-space bitmap root: its checksum")
     metadata_copies: int = ondisk("B", "copies of every metadata block: 1 or 2 (0: 1)")
+    commit_ns: int = ondisk("Q", "when this generation was committed (ns since the epoch)")
+    rewound_to: int = ondisk("Q", "the generation the pool was last rewound to (0: never)")
+    rewound_at: int = ondisk("Q", "the generation that rewind committed")
+    ring: bytes = ondisk(
+        f"{ROOT_RING * 128}s",
+        f"the {ROOT_RING} generations committed before this one, newest first (root ring "
+        "entries, below)",
+        bytes(ROOT_RING * 128),
+    )
 
 
-SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=3442)
+SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=346)
+# Version 1 slots: 4 KiB, the same fields (those version 2 added read as zero there).
+SUPERBLOCK_V1_CODEC = RecordCodec(
+    Superblock, "superblock slot, version 1", SUPERBLOCK_V1_SIZE, reserved_tail=2394
+)
+_VERSION_AT = 12  # the version word follows the checksum and the magic
+
+
+@dataclass(kw_only=True)
+class RootEntry:
+    """One committed generation as the root ring keeps it: enough to open the pool there."""
+
+    generation: int = ondisk("Q", "the generation (0: an empty entry)")
+    commit_ns: int = ondisk("Q", "when it was committed (ns since the epoch)")
+    used_blocks: int = ondisk("Q", "blocks allocated then")
+    capacity_blocks: int = ondisk("Q", "blocks the pool spanned then")
+    inode_root: int = ondisk("Q", "inode table root: first copy")
+    inode_root1: int = ondisk("Q", "inode table root: second copy")
+    inode_root_gen: int = ondisk("Q", "inode table root: its generation")
+    inode_root_csum: int = ondisk("I", "inode table root: its checksum")
+    snap_root: int = ondisk("Q", "snapshot table root: first copy", pad_before=4)
+    snap_root1: int = ondisk("Q", "snapshot table root: second copy")
+    snap_root_gen: int = ondisk("Q", "snapshot table root: its generation")
+    snap_root_csum: int = ondisk("I", "snapshot table root: its checksum")
+    bitmap_root: int = ondisk("Q", "free-space bitmap root: first copy", pad_before=4)
+    bitmap_root1: int = ondisk("Q", "free-space bitmap root: second copy")
+    bitmap_root_gen: int = ondisk("Q", "free-space bitmap root: its generation")
+    bitmap_root_csum: int = ondisk("I", "free-space bitmap root: its checksum")
+    inode_height: int = ondisk("B", "inode table: interior levels")
+    snap_height: int = ondisk("B", "snapshot table: interior levels")
+    bitmap_height: int = ondisk("B", "free-space bitmap: interior levels")
+
+
+ROOT_ENTRY_CODEC = RecordCodec(RootEntry, "root ring entry", 128, reserved_tail=1)
+RING_FIELDS = tuple(f.name for f in dataclasses.fields(RootEntry))
+
+
+def root_entry(sb: Superblock) -> RootEntry:
+    """The ring entry that remembers sb's generation."""
+    return RootEntry(**{name: getattr(sb, name) for name in RING_FIELDS})
+
+
+def unpack_ring(sb: Superblock) -> list[RootEntry]:
+    """sb's ring, newest first, without empty entries."""
+    entries = (ROOT_ENTRY_CODEC.unpack_from(sb.ring, i * 128) for i in range(ROOT_RING))
+    return [e for e in entries if e.generation]
+
+
+def pack_ring(entries: list[RootEntry]) -> bytes:
+    buf = bytearray(ROOT_RING * 128)
+    for i, e in enumerate(entries[:ROOT_RING]):
+        ROOT_ENTRY_CODEC.pack_into(buf, i * 128, e)
+    return bytes(buf)
 
 
 def pack_superblock(sb: Superblock) -> bytes:
@@ -174,14 +255,20 @@ def pack_superblock(sb: Superblock) -> bytes:
 
 
 def unpack_superblock(buf: bytes | bytearray, where: str) -> Superblock:
-    """Decode one superblock slot; raise NotAPool / UnsupportedFormat / CorruptMetadata."""
+    """Decode one superblock slot (version 2, or a version 1 one of 4 KiB); raise NotAPool /
+    UnsupportedFormat / CorruptMetadata."""
     if len(buf) < SUPERBLOCK_SIZE:
         raise NotAPool(f"{where}: too short to hold a dittofs superblock")
-    sb = SUPERBLOCK_CODEC.unpack_from(buf, 0)
-    if sb.magic != MAGIC:
-        raise NotAPool(f"{where}: no dittofs superblock (magic {sb.magic[:8]!r})")
-    if sb.checksum != _crc(buf[:SUPERBLOCK_SIZE], BT_SUPER):
+    if bytes(buf[4:12]) != MAGIC:
+        raise NotAPool(f"{where}: no dittofs superblock (magic {bytes(buf[4:12])!r})")
+    size, codec = SUPERBLOCK_SIZE, SUPERBLOCK_CODEC
+    if int.from_bytes(buf[_VERSION_AT : _VERSION_AT + 4], "little") == 1:
+        if len(buf) < SUPERBLOCK_V1_SIZE:
+            raise NotAPool(f"{where}: too short to hold a version 1 superblock")
+        size, codec = SUPERBLOCK_V1_SIZE, SUPERBLOCK_V1_CODEC
+    if _CHECKSUM.unpack_from(buf, 0)[0] != _crc(memoryview(buf)[:size], BT_SUPER):
         raise CorruptMetadata(f"{where}: superblock checksum mismatch", -1, "superblock")
+    sb = codec.unpack_from(buf, 0)
     if sb.version != FORMAT_VERSION and sb.version not in UPGRADABLE_VERSIONS:
         raise UnsupportedFormat(
             f"{where}: pool format version {sb.version} is not supported by this dittofs "
@@ -751,6 +838,7 @@ def unpack_hole(payload: bytes) -> tuple[int, int, int]:
 
 LAYOUTS: tuple[Layout, ...] = (
     SUPERBLOCK_CODEC.layout,
+    ROOT_ENTRY_CODEC.layout,
     HEADER_LAYOUT,
     POINTER_LAYOUT,
     MAP_ENTRY_LAYOUT,

@@ -56,10 +56,11 @@ def open_pool(
             raise read_only_disk(path)
         pool = Pool.open(device, cache_bytes)
         refuse_if_in_use(pool.sb, path, "stop it first")
+        pool.restore_second_copy()
         for slot, problem in pool.superblock_problems:
             log.warning(
                 "%s: superblock slot %d (byte %d, type superblock) is unusable: %s; the "
-                "other slot serves; run 'snapctl check' (--repair rewrites it)",
+                "other copies serve; run 'snapctl check' (--repair rewrites it)",
                 path,
                 slot,
                 SUPERBLOCK_OFFSETS[slot],

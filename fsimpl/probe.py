@@ -10,8 +10,7 @@ from .device import Device
 from .layout import MAGIC, SUPERBLOCK_OFFSETS
 
 _SIGNATURES: list[tuple[str, int, bytes]] = [
-    ("a dittofs pool", SUPERBLOCK_OFFSETS[0] + 4, MAGIC),
-    ("a dittofs pool", SUPERBLOCK_OFFSETS[1] + 4, MAGIC),
+    *[("a dittofs pool", offset + 4, MAGIC) for offset in SUPERBLOCK_OFFSETS],
     ("an ext2/3/4 file system", 1080, b"\x53\xef"),
     ("an XFS file system", 0, b"XFSB"),
     ("a Btrfs file system", 65600, b"_BHRfS_M"),

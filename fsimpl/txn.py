@@ -6,12 +6,13 @@ one open transaction. A commit makes the changes durable in a single atomic step
     1. write every dirty map tree, then the inode and snapshot tables, then the bitmap, each node
        at a freshly allocated block (copy-on-write: committed blocks are never overwritten);
     2. sync the device (data written by requests included);
-    3. write the superblock with generation + 1 into slot (generation + 1) % 2, and sync again;
+    3. write the superblock with generation + 1 into its first slot, sync, then into its
+       second slot (layout.superblock_slots; made durable by the next sync);
     4. only now let blocks freed by the transaction be allocated again, and punch them out.
 
 A crash before step 3 completes leaves the previous superblock, and every block it reaches,
-intact; a torn superblock fails its checksum and the other slot wins. `abort()` drops the open
-transaction by reloading the committed state.
+intact; a torn superblock fails its checksum and the previous generation's copies win.
+`abort()` drops the open transaction by reloading the committed state.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ from .layout import (
     Superblock,
     check_block_size,
     first_data_block,
+    pack_ring,
     pack_superblock,
+    root_entry,
     root_fields,
     root_pointer,
+    superblock_slots,
+    unpack_ring,
     unpack_superblock,
 )
 from .radix import MetaStore, RadixTree
@@ -83,38 +88,80 @@ def refuse_if_in_use(sb: Superblock, path: str, advice: str) -> None:
 
 
 def read_superblock(device: Device) -> Superblock:
-    """The valid superblock slot with the highest generation."""
+    """The newest generation with a valid superblock copy."""
     return read_superblocks(device)[0]
 
 
 def read_superblocks(device: Device) -> tuple[Superblock, list[tuple[int, str]]]:
-    """The valid slot with the highest generation, and what is wrong with the other slot (if
-    anything is: (slot, problem))."""
-    raw = device.pread(2 * SUPERBLOCK_SIZE, 0)
-    found: list[Superblock] = []
+    """The newest generation with a valid copy, and what is wrong with the other slots (if
+    anything is: (slot, problem)). Refuses (CorruptMetadata, naming the newest usable generation
+    and `snapctl rewind`) when both slots of one parity are unusable: the generation they held
+    may have been newer than any left, and opening an older one silently would drop
+    acknowledged writes."""
+    raw = device.pread(RESERVED_BYTES, 0)
+    found: dict[int, Superblock] = {}
     errors: list[Exception] = []
     problems: list[tuple[int, str]] = []
     for slot, off in enumerate(SUPERBLOCK_OFFSETS):
         try:
-            found.append(unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], device.path))
+            found[slot] = unpack_superblock(raw[off:], device.path)
         except UnsupportedFormat:
             raise  # never fall back to an older slot of a pool a newer release has touched
         except (NotAPool, CorruptMetadata) as e:
             errors.append(e)
             problems.append((slot, str(e)))
-    if found:
-        return max(found, key=lambda s: s.generation), problems
-    if any(isinstance(e, CorruptMetadata) for e in errors):
-        raise CorruptMetadata(
-            f"{device.path}: both superblocks fail their checksums; the pool cannot be "
-            "opened (run 'snapctl check' for details)",
-            0,
-            "superblock",
+    if not found:
+        if any(isinstance(e, CorruptMetadata) for e in errors):
+            raise CorruptMetadata(
+                f"{device.path}: every superblock copy fails its checksum; the pool cannot be "
+                "opened (run 'snapctl check' for details)",
+                0,
+                "superblock",
+            )
+        raise NotAPool(
+            f"{device.path} holds no dittofs pool; make one with 'snapctl format {device.path}' "
+            "(or start nbdkit with size=SIZE on a path that does not exist yet)"
         )
-    raise NotAPool(
-        f"{device.path} holds no dittofs pool; make one with 'snapctl format {device.path}' "
-        "(or start nbdkit with size=SIZE on a path that does not exist yet)"
-    )
+    newest = max(found.values(), key=lambda s: s.generation)
+    if newest.version == 1:  # two 4 KiB slots, one per generation (the other two: inside them)
+        problems = [(slot, why) for slot, why in problems if slot in (0, 2)]
+        return newest, problems
+    for parity in (0, 1):
+        pair = (parity, 2 + parity)
+        if all(slot not in found for slot in pair) and newest.generation % 2 != parity:
+            raise CorruptMetadata(
+                f"{device.path}: both copies of a superblock generation (slots {pair[0]} and "
+                f"{pair[1]}) are damaged, and it may have been newer than generation "
+                f"{newest.generation}, the newest one left (committed "
+                f"{_when(newest.commit_ns)}). Nothing was opened or changed. "
+                f"'snapctl -d {device.path} rewind --list' shows the usable generations; "
+                f"'snapctl -d {device.path} rewind {newest.generation} --yes' opens the pool "
+                "there",
+                0,
+                "superblock",
+            )
+    return newest, problems
+
+
+def _when(ns: int) -> str:
+    if not ns:
+        return "at an unrecorded time"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9))
+
+
+def write_superblock(device: Device, sb: Superblock, last_page: int = 1) -> None:
+    """Both copies of sb's generation, the second page only once the first is durable (so a
+    torn write can damage one page at most). The caller has synced what sb points to. The
+    second copy is made durable by the next sync (the next commit's first step, or close).
+    last_page 0: write the first page's copy last (an upgrade keeps the newest version 1
+    superblock, which spans page 0, whole until the new one is durable elsewhere)."""
+    first, second = superblock_slots(sb.generation)
+    if last_page == 0:
+        first, second = second, first
+    data = pack_superblock(sb)
+    device.pwrite(data, SUPERBLOCK_OFFSETS[first])
+    device.sync()
+    device.pwrite(data, SUPERBLOCK_OFFSETS[second])
 
 
 class Pool:
@@ -146,6 +193,7 @@ class Pool:
         self.commits = 0
         self.allocator.commit_need = self._commit_need
         self.superblock_problems: list[tuple[int, str]] = []  # found at open: (slot, why)
+        self.superblock_last_page = 1  # see write_superblock
 
     # --- open and format ----------------------------------------------------------------------
 
@@ -174,6 +222,23 @@ class Pool:
         pool.superblock_problems = problems
         pool._load()
         return pool
+
+    def restore_second_copy(self) -> None:
+        """A crash after a commit's first superblock copy was durable, or damage since, can
+        leave the newest generation with one good copy: write the other now, before anything
+        else (the caller has made sure no other process serves the pool). The slot holds
+        nothing any state relies on, so a torn write here costs nothing."""
+        if self.device.readonly or self.device.read_only_device:
+            return
+        bad = {slot for slot, _ in self.superblock_problems}
+        raw = self.device.pread(RESERVED_BYTES, 0)
+        data = pack_superblock(self.sb)
+        for slot in superblock_slots(self.sb.generation):
+            off = SUPERBLOCK_OFFSETS[slot]
+            if slot in bad or raw[off : off + SUPERBLOCK_SIZE] != data:
+                self.device.pwrite(data, off)
+                self.device.sync()
+                self.store.healed += slot in bad  # damage healed (not a crash's stale copy)
 
     @classmethod
     def format(
@@ -210,7 +275,7 @@ class Pool:
             reserve_blocks=0 if growable else _reserve(capacity),
             metadata_copies=metadata_copies,
         )
-        # Both slots are wiped first: a power cut during a re-format must not bring back the
+        # Every slot is wiped first: a power cut during a re-format must not bring back the
         # pool that was there, whose blocks the new one is about to overwrite.
         device.pwrite(bytes(RESERVED_BYTES), 0)
         device.sync()
@@ -220,10 +285,10 @@ class Pool:
             device.truncate(capacity * block_size)
         pool.create_volume("live", live_size)
         pool.commit()
-        # The other slot gets the same state one generation lower, so no stale superblock of an
-        # earlier pool on this disk can ever win.
-        old = replace(pool.sb, generation=pool.sb.generation - 1)
-        device.pwrite(pack_superblock(old), SUPERBLOCK_OFFSETS[old.generation % 2])
+        # The other slots get the same state one generation lower (with an empty ring), so
+        # every slot holds a superblock of this pool.
+        old = replace(pool.sb, generation=pool.sb.generation - 1, ring=pack_ring([]))
+        write_superblock(device, old)
         device.sync()
         return pool
 
@@ -469,12 +534,13 @@ class Pool:
             bitmap_height=self.allocator.tree.height,
             used_blocks=self.allocator.used_blocks,
             capacity_blocks=self.allocator.capacity,
+            commit_ns=time.time_ns(),
+            ring=pack_ring([root_entry(self.sb), *unpack_ring(self.sb)]),
         )
         if sb.capacity_blocks != self.sb.capacity_blocks:
             self.device.truncate(sb.capacity_blocks * self.block_size)
         self.device.sync()
-        self.device.pwrite(pack_superblock(sb), SUPERBLOCK_OFFSETS[sb.generation % 2])
-        self.device.sync()
+        write_superblock(self.device, sb, self.superblock_last_page)
         self.sb = sb
         self.allocator.grown = False
 

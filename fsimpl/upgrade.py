@@ -20,12 +20,11 @@ from .layout import (
     FORMAT_VERSION,
     HEADER_SIZE,
     OWNER_BITMAP,
-    SUPERBLOCK_OFFSETS,
-    pack_superblock,
+    pack_ring,
 )
 from .opening import lock
 from .radix import MetaStore, RadixTree
-from .txn import Pool, read_superblock, refuse_if_in_use
+from .txn import Pool, read_superblock, refuse_if_in_use, write_superblock
 
 UPGRADE_CACHE_BYTES = 16 << 20
 
@@ -46,11 +45,14 @@ def upgrade_disk(path: str) -> dict[str, object]:
         moved = _rewrite_trees(pool)
         pool.sb.version = FORMAT_VERSION
         pool.sb_dirty = True
+        # version 1 slots are 4 KiB, one per page, generation % 2: keep the newest one whole
+        # until a version 2 copy is durable in the other page
+        pool.superblock_last_page = old.generation % 2
         pool.commit()
-        # the other slot gets the same state one generation lower, as format does, so no
+        # the other slots get the same state one generation lower, as format does, so no
         # superblock of the old version is left to fall back to
-        twin = dataclasses.replace(pool.sb, generation=pool.sb.generation - 1)
-        device.pwrite(pack_superblock(twin), SUPERBLOCK_OFFSETS[twin.generation % 2])
+        twin = dataclasses.replace(pool.sb, generation=pool.sb.generation - 1, ring=pack_ring([]))
+        write_superblock(device, twin)
         device.sync()
         return {
             "disk": path,

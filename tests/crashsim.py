@@ -24,7 +24,13 @@ from dataclasses import dataclass, field
 
 from support.iolog import Op
 
-from fsimpl.layout import SUPERBLOCK_SIZE
+from fsimpl.errors import DittoError
+from fsimpl.layout import (
+    SUPERBLOCK_OFFSETS,
+    SUPERBLOCK_SIZE,
+    superblock_slots,
+    unpack_superblock,
+)
 
 SECTOR = 512
 PAGE = 4096
@@ -236,6 +242,34 @@ class Replayer:
                 kept.sort()
                 plans.append(CrashPlan(k, kept, dz, "torn", unit))
         return plans
+
+
+def suspect_slots(rp: Replayer, plan: CrashPlan, img: bytes | bytearray) -> set[int]:
+    """Superblock slots a crash may leave torn or stale (a repairable defect, nothing else):
+    those whose last write issued before the crash was not durable and did not land whole, and
+    the two slots of the newest generation on the image (its second copy goes out after the
+    sync that made the first durable, so the crash may come before it)."""
+    ops = rp.ops
+    durable_end = rp.durable_end(plan.k)
+    issued = max([i + 1 for i, _ in plan.kept] + [rp.epoch(plan.k).stop])
+    last_write: dict[int, int] = {}
+    for i in range(issued):
+        if ops[i].is_superblock:
+            last_write[SUPERBLOCK_OFFSETS.index(ops[i].offset)] = i
+    out = set()
+    for slot, i in last_write.items():
+        op = ops[i]
+        if i >= durable_end and img[op.offset : op.offset + SUPERBLOCK_SIZE] != op.data:
+            out.add(slot)
+    generations = []
+    for off in SUPERBLOCK_OFFSETS:
+        try:
+            generations.append(unpack_superblock(bytes(img[off : off + 4096]), "image").generation)
+        except DittoError:
+            pass
+    if generations:
+        out.update(superblock_slots(max(generations)))
+    return out
 
 
 def write_image(img: bytes | bytearray, path: str) -> None:

@@ -30,8 +30,8 @@ from fsimpl.checker import CheckReport, check
 from fsimpl.device import Device
 from fsimpl.layout import (
     BT_INTERIOR,
+    RESERVED_BYTES,
     SUPERBLOCK_OFFSETS,
-    SUPERBLOCK_SIZE,
     Superblock,
     child_pointers,
     pack_superblock,
@@ -177,11 +177,11 @@ def flip_bytes(path: Path | str, offset: int, count: int = 8) -> None:
 
 def read_slots(path: Path | str) -> list[Superblock | Exception]:
     with open(path, "rb") as f:
-        raw = f.read(2 * SUPERBLOCK_SIZE)
+        raw = f.read(RESERVED_BYTES)
     out: list[Superblock | Exception] = []
     for off in SUPERBLOCK_OFFSETS:
         try:
-            out.append(unpack_superblock(raw[off : off + SUPERBLOCK_SIZE], str(path)))
+            out.append(unpack_superblock(raw[off:], str(path)))
         except Exception as e:  # noqa: BLE001 - reported to the caller as the slot's state
             out.append(e)
     return out
@@ -197,6 +197,7 @@ def write_slot(path: Path | str, slot: int, sb: Superblock) -> None:
 
 
 def newest_slot(path: Path | str) -> tuple[int, Superblock]:
+    """The first valid slot of the newest generation (the one open reads), and its content."""
     slots = read_slots(path)
     good = [(i, s) for i, s in enumerate(slots) if isinstance(s, Superblock)]
     assert good, f"{path}: no valid superblock"

@@ -12,7 +12,6 @@ from support.faults import SUPERBLOCK_WRITE, FaultyDevice, PowerCut
 from support.logcheck import COMMIT_FAILED, SLOT_UNUSABLE
 
 from fsimpl import layout as L
-from fsimpl.device import Device
 from fsimpl.engine import Engine
 from fsimpl.errors import (
     CorruptMetadata,
@@ -21,7 +20,7 @@ from fsimpl.errors import (
     PoolTruncated,
     UnsupportedFormat,
 )
-from fsimpl.txn import DEFAULT_CACHE_BYTES, Pool, read_superblock
+from fsimpl.txn import DEFAULT_CACHE_BYTES, Pool
 
 BS = 4096
 
@@ -123,7 +122,7 @@ def test_superblock_long_strings_are_truncated_not_overflowing() -> None:
     assert back.last_common_guid == sb.last_common_guid
 
 
-@pytest.mark.parametrize("offset", [0, 3, 12, 20, 30, 200, 400, 2000, 4095])
+@pytest.mark.parametrize("offset", [0, 3, 12, 20, 30, 200, 400, 2000, 2047])
 def test_superblock_checksum_detects_a_flipped_byte(offset: int) -> None:
     raw = bytearray(L.pack_superblock(full_superblock()))
     raw[offset] ^= 0x10
@@ -532,23 +531,33 @@ def test_block_of_wrong_type_is_detected(tmp_path: Path) -> None:
 
 
 def _newest_slot(path: Path) -> tuple[int, int]:
-    """(offset of the slot with the highest generation, that generation)."""
+    """(offset of the first slot of the highest generation, that generation)."""
     sbs = raw_superblocks(path)
-    i = max(range(2), key=lambda k: sbs[k].generation)
-    return L.SUPERBLOCK_OFFSETS[i], sbs[i].generation
+    gen = max(s.generation for s in sbs)
+    return L.SUPERBLOCK_OFFSETS[L.superblock_slots(gen)[0]], gen
 
 
-def test_both_superblock_slots_hold_consecutive_generations(tmp_path: Path) -> None:
+def _other_generation_slot(off: int) -> int:
+    """The offset of a slot of the generation before the one at off (the other parity)."""
+    return L.SUPERBLOCK_OFFSETS[1 - L.SUPERBLOCK_OFFSETS.index(off) % 2]
+
+
+def test_every_generation_is_in_two_slots_in_different_pages(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     eng = make_engine(path)
     gen = eng.pool.sb.generation
     eng.close()
     sbs = raw_superblocks(path)
-    gens = sorted(s.generation for s in sbs)
-    assert gens[1] - gens[0] == 1
-    assert gens[1] >= gen
-    for off, s in zip(L.SUPERBLOCK_OFFSETS, sbs, strict=True):
-        assert L.SUPERBLOCK_OFFSETS[s.generation % 2] == off
+    newest = max(s.generation for s in sbs)
+    assert newest >= gen
+    for slot, s in enumerate(sbs):
+        assert slot in L.superblock_slots(s.generation)
+        assert s.generation == newest - (0 if slot % 2 == newest % 2 else 1)
+    first, second = L.superblock_slots(newest)
+    assert L.SUPERBLOCK_OFFSETS[first] // 4096 != L.SUPERBLOCK_OFFSETS[second] // 4096
+    # the ring remembers the generations before the newest, newest first
+    ring = L.unpack_ring(sbs[first])
+    assert [e.generation for e in ring] == list(range(newest - 1, max(0, newest - 9), -1))
 
 
 def test_unknown_version_on_disk_refuses_to_open(tmp_path: Path) -> None:
@@ -561,7 +570,7 @@ def test_unknown_version_on_disk_refuses_to_open(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedFormat):
         Engine.open(str(path))
     # even when the newer-format slot is the OLDER generation: never fall back past it
-    other = L.SUPERBLOCK_OFFSETS[1] if off == 0 else 0
+    other = _other_generation_slot(off)
     sb = L.unpack_superblock(read_raw(path, other, L.SUPERBLOCK_SIZE), "x")
     write_raw(path, off, L.pack_superblock(sb))  # both slots version 1 again, same state
     sb.generation -= 1
@@ -584,29 +593,42 @@ def test_unknown_feature_bits_on_disk_refuse_to_open(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine_log(SLOT_UNUSABLE)
-def test_corrupt_newest_superblock_falls_back_to_other_slot(tmp_path: Path) -> None:
+def test_a_damaged_copy_of_the_newest_superblock_is_served_by_the_other(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
-    eng = make_engine(path)  # claims the pool: gen N has our PID
+    eng = make_engine(path)
     ex = eng.open_export("live", False)
     data = os.urandom(3 * BS)
     eng.write(ex, memoryview(data), 5 * BS)
     eng.flush()
-    gen_data = eng.pool.sb.generation
     eng.close()  # releases the in-use record: a superblock-only commit, gen N+1
     off, gen = _newest_slot(path)
-    assert gen == gen_data + 1
-    assert raw_superblocks(path)[L.SUPERBLOCK_OFFSETS.index(off)].inuse_pid == 0
-    flip_byte(path, off + 300)
-    dev = Device(str(path), readonly=True)
-    sb = read_superblock(dev)
-    dev.close()
-    assert sb.generation == gen_data
-    eng = Engine.open(str(path), claim=False)
-    assert eng.pool.sb.generation == gen_data
-    assert eng.pool.sb.inuse_pid == os.getpid()  # the state of gen N, our own stale record
-    ex = eng.open_export("live", True)
-    assert read_bytes(eng, ex, 5 * BS, 3 * BS) == data
-    eng.close()
+    for slot in L.superblock_slots(gen):  # either copy
+        image = tmp_path / f"copy{slot}.img"
+        image.write_bytes(path.read_bytes())
+        flip_byte(image, L.SUPERBLOCK_OFFSETS[slot] + 300)
+        eng = Engine.open(str(image), claim=False)
+        assert eng.pool.sb.generation == gen
+        assert eng.pool.superblock_problems and eng.pool.superblock_problems[0][0] == slot
+        ex = eng.open_export("live", True)
+        assert read_bytes(eng, ex, 5 * BS, 3 * BS) == data
+        eng.close()
+
+
+def test_both_copies_of_the_newest_superblock_damaged_is_refused(tmp_path: Path) -> None:
+    """Not a silent fall back to the generation before: that would drop acknowledged writes.
+    The refusal names the newest usable generation and the rewind command; nothing is written."""
+    path = tmp_path / "pool.img"
+    make_engine(path).close()
+    off, gen = _newest_slot(path)
+    for slot in L.superblock_slots(gen):
+        flip_byte(path, L.SUPERBLOCK_OFFSETS[slot] + 300)
+    before = path.read_bytes()
+    with pytest.raises(CorruptMetadata) as ei:
+        Engine.open(str(path))
+    msg = str(ei.value)
+    assert f"generation {gen - 1}, the newest one left" in msg, msg
+    assert "rewind --list" in msg and f"rewind {gen - 1} --yes" in msg, msg
+    assert path.read_bytes() == before
 
 
 @pytest.mark.engine_log(COMMIT_FAILED, SLOT_UNUSABLE)
@@ -647,12 +669,15 @@ def test_torn_superblock_write_opens_at_previous_generation(tmp_path: Path) -> N
     assert read_bytes(eng, ex, 40 * BS, 4 * BS) == bytes(4 * BS)
     dev.close()
 
-    # the torn slot fails its checksum; the other one (generation N) wins
+    # the torn slot fails its checksum, its twin still holds generation N - 1 (the write never
+    # reached it), and generation N's two copies win
     raw = [read_raw(path, o, L.SUPERBLOCK_SIZE) for o in L.SUPERBLOCK_OFFSETS]
-    torn_slot = (gen_a + 1) % 2
+    torn_slot, twin = L.superblock_slots(gen_a + 1)
     with pytest.raises(CorruptMetadata):
         L.unpack_superblock(raw[torn_slot], "torn")
-    assert L.unpack_superblock(raw[1 - torn_slot], "ok").generation == gen_a
+    assert L.unpack_superblock(raw[twin], "old").generation == gen_a - 1
+    for slot in L.superblock_slots(gen_a):
+        assert L.unpack_superblock(raw[slot], "ok").generation == gen_a
     eng = Engine.open(str(path), claim=False)
     assert eng.pool.sb.generation == gen_a
     assert eng.pool.allocator.used_blocks == used_a
@@ -674,8 +699,8 @@ def test_torn_superblock_write_opens_at_previous_generation(tmp_path: Path) -> N
 def test_both_superblocks_corrupt_is_an_error_not_a_guess(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     make_engine(path).close()
-    flip_byte(path, 300)
-    flip_byte(path, 4096 + 300)
+    for off in L.SUPERBLOCK_OFFSETS:
+        flip_byte(path, off + 300)
     with pytest.raises(CorruptMetadata) as ei:
         Engine.open(str(path))
     assert ei.value.block_type == "superblock"
@@ -690,7 +715,7 @@ def test_older_slot_corrupt_is_harmless(tmp_path: Path) -> None:
     eng.write(ex, memoryview(b"k" * BS), 0)
     eng.close()
     off, gen = _newest_slot(path)
-    other = L.SUPERBLOCK_OFFSETS[1] if off == 0 else 0
+    other = _other_generation_slot(off)
     flip_byte(path, other + 1000)
     eng = Engine.open(str(path), claim=False)
     assert eng.pool.sb.generation == gen

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from crashsim import CrashPlan, Replayer, write_image
+from crashsim import CrashPlan, Replayer, suspect_slots, write_image
 from model import Model
 from support.iolog import Op, RecordingDevice
 
@@ -304,6 +304,7 @@ class Verifier:
         # request that returned before a kept operation was issued is acknowledged
         acked = self.acked_before[end + 1] if plan.k else 0
         latest_op = max([i for i, _ in plan.kept] + [end])
+        torn_slots |= suspect_slots(rp, plan, img)
         acked = max([acked] + [s for p, s in rec.flush_end.items() if p <= latest_op])
         base = max(g_state, acked)
         last = max([rec.ops[i].tag for i, _ in plan.kept] + [rec.ops[end].tag if plan.k else 0])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crashsim import CrashPlan, Replayer, write_image
+from crashsim import CrashPlan, Replayer, suspect_slots, write_image
 from support.data import pattern
 from support.iolog import RecordingDevice
 from support.logcheck import SLOT_UNUSABLE
@@ -41,7 +41,6 @@ from support.logcheck import SLOT_UNUSABLE
 from fsimpl import checker
 from fsimpl.device import Device
 from fsimpl.engine import Engine
-from fsimpl.layout import SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE
 from fsimpl.txn import Pool
 
 BS = 4096
@@ -269,12 +268,7 @@ class Case:
         return self.counts
 
     def verify(self, plan: CrashPlan, img: bytearray) -> None:
-        torn = {
-            SUPERBLOCK_OFFSETS.index(self.ops[i].offset)
-            for i, _ in plan.kept
-            if self.ops[i].is_superblock
-            and img[self.ops[i].offset : self.ops[i].offset + SUPERBLOCK_SIZE] != self.ops[i].data
-        }
+        torn = suspect_slots(self.rp, plan, img)
         write_image(img, str(self.crash))
         assert_checks_clean(self.crash, torn, leaks=self.sc.leaks_before)
         eng = Engine.open(str(self.crash), claim=False)

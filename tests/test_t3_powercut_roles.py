@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from crashsim import Replayer, write_image
+from crashsim import Replayer, suspect_slots, write_image
 from harness import free_port
 from support.data import pattern
 from support.iolog import RecordingDevice
@@ -41,7 +41,7 @@ from fsimpl import checker, standby
 from fsimpl.device import Device
 from fsimpl.engine import Engine
 from fsimpl.errors import Refused
-from fsimpl.layout import ROLE_NAMES, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE
+from fsimpl.layout import ROLE_NAMES
 from fsimpl.txn import Pool
 
 BS = 4096
@@ -247,13 +247,7 @@ class Case:
             if digest in seen:
                 continue
             seen.add(digest)
-            torn = {
-                SUPERBLOCK_OFFSETS.index(self.ops[i].offset)
-                for i, _ in plan.kept
-                if self.ops[i].is_superblock
-                and img[self.ops[i].offset : self.ops[i].offset + SUPERBLOCK_SIZE]
-                != self.ops[i].data
-            }
+            torn = suspect_slots(self.rp, plan, img)
             peer = self.peer_at[min(plan.k, len(self.peer_at) - 1)]
             try:
                 self.verify(img, torn, peer)

@@ -521,7 +521,7 @@ def test_errors_opening_the_disk(tmp_path: Path) -> None:
 
     corrupt = tmp_path / "corrupt.img"
     raw = bytearray(disk.read_bytes())
-    for sb in (0, 4096):  # both superblocks: a byte after the magic, so checksums fail
+    for sb in (0, 2048, 4096, 6144):  # every superblock copy: a byte after the magic
         raw[sb + 40] ^= 0xFF
     corrupt.write_bytes(raw)
     before = sha256(corrupt)

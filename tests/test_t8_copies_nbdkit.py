@@ -25,7 +25,7 @@ from pathlib import Path
 import nbd
 import pytest
 from harness import NbdkitServer, snapctl
-from support.logcheck import BAD_METADATA, HEALED_COPY
+from support.logcheck import BAD_METADATA, HEALED_COPY, SLOT_UNUSABLE
 from t8_helpers import MetaBlock, close_quietly, metadata_blocks
 
 from fsimpl import layout as L
@@ -199,3 +199,33 @@ def test_one_damaged_copy_through_nbdkit(built: Built, servers, tmp_path: Path, 
     assert srv.stop() == 0
     cp = snapctl("check", disk=image, env=srv.env)
     assert cp.returncode == 0, f"{label}: {cp.stdout}{cp.stderr}"
+
+
+@pytest.mark.engine_log(SLOT_UNUSABLE)
+@pytest.mark.parametrize("slot", range(4))
+def test_one_damaged_superblock_slot_through_nbdkit(
+    built: Built, servers, tmp_path: Path, slot: int
+) -> None:
+    """Each of the four slots (both copies of the two newest generations), one at a time."""
+    image = tmp_path / "pool.img"
+    shutil.copyfile(built.image, image)
+    off = L.SUPERBLOCK_OFFSETS[slot]
+    with open(image, "r+b") as f:
+        f.seek(off + 64)
+        old = f.read(32)
+        f.seek(off + 64)
+        f.write(bytes(b ^ 0xFF for b in old))
+    srv: NbdkitServer = servers(image)
+    cp = snapctl("check", "--json", disk=image, env=srv.env)
+    report = json.loads(cp.stdout)
+    assert cp.returncode == 4 and report["fatal"] == 0 and report["healable"] == 1, report
+    assert report["defects"][0]["where"] == f"superblock slot {slot}", report
+
+    srv.start()
+    for name, want in built.sums.items():
+        assert read_all(srv, name) == (want, built.sizes[name]), f"slot {slot}: {name}"
+    cp = srv.snapctl("check", "--json", check=False)
+    after = json.loads(cp.stdout)
+    assert cp.returncode in (0, 1) and after["clean"], after  # 0: the claim commits healed it
+    assert srv.stop() == 0
+    assert snapctl("check", disk=image, env=srv.env).returncode == 0

@@ -38,7 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from crashsim import CrashPlan, Replayer, write_image
+from crashsim import CrashPlan, Replayer, suspect_slots, write_image
 from harness import REPO, NbdkitServer
 from support.iolog import read_log
 from support.logcheck import SLOT_UNUSABLE
@@ -46,7 +46,6 @@ from t8_helpers import check_image, close_quietly, describe
 from t8_load import Snap, Snapshotter, Writer, unexplained, verify_export
 
 from fsimpl.client import SocketClient
-from fsimpl.layout import SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE
 
 CRASH_STATES = int(os.environ.get("DITTOFS_CRASH_STATES", "130"))  # per cow mode
 SIZE = 1 << 20
@@ -167,12 +166,7 @@ def test_power_cuts_through_a_real_nbdkit(tmp_path: Path, cow: str) -> None:
         last = max([i for i, _ in plan.kept] + [rp.sync_at[plan.k - 1] if plan.k else -1])
         end_pos = ends[last] if last >= 0 else 0
 
-        torn = {
-            f"superblock slot {SUPERBLOCK_OFFSETS.index(ops[i].offset)}"
-            for i, r in plan.kept
-            if ops[i].is_superblock
-            and img[ops[i].offset : ops[i].offset + SUPERBLOCK_SIZE] != ops[i].data
-        }
+        torn = {f"superblock slot {slot}" for slot in suspect_slots(rp, plan, img)}
         report = check_image(crash)
         bad = [d for d in report.defects if not (d.kind == "superblock" and d.where in torn)]
         assert not bad, f"{why}: the checker found: {describe(report)}"

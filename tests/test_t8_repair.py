@@ -36,7 +36,7 @@ from t8_helpers import (
 from fsimpl.checker import repair
 from fsimpl.device import Device
 from fsimpl.engine import Engine
-from fsimpl.layout import KIND_ADDR, SUPERBLOCK_OFFSETS, Superblock
+from fsimpl.layout import KIND_ADDR, SUPERBLOCK_OFFSETS, SUPERBLOCK_SIZE, Superblock
 from fsimpl.txn import Pool
 
 BS = 4096
@@ -255,7 +255,7 @@ def test_bad_superblock_slot_is_rewritten(servers, tmp_path: Path, damage: str) 
         bad = older
         with open(srv.disk, "r+b") as f:
             f.seek(SUPERBLOCK_OFFSETS[bad])
-            f.write(bytes(4096))
+            f.write(bytes(SUPERBLOCK_SIZE))
     else:  # a slot left by another pool that was on this disk (older generation)
         bad = older
         write_slot(srv.disk, bad, replace(_other_pool_superblock(tmp_path), generation=0))
@@ -269,8 +269,8 @@ def test_bad_superblock_slot_is_rewritten(servers, tmp_path: Path, damage: str) 
     msg = defects[0]["message"]
     assert f"byte {SUPERBLOCK_OFFSETS[bad]}" in msg and "superblock" in msg, msg
 
-    # A copy serves, from the good slot, exactly what it held; its commits (claim, release)
-    # write both slots, so serving alone heals it.
+    # A copy serves, from a good slot, exactly what it held; its commits (claim, release)
+    # write every slot, so serving alone heals it.
     copy = tmp_path / "copy.img"
     shutil.copyfile(srv.disk, copy)
     other = servers(disk=copy).start()
@@ -284,7 +284,7 @@ def test_bad_superblock_slot_is_rewritten(servers, tmp_path: Path, damage: str) 
     slots = read_slots(srv.disk)
     assert all(isinstance(s, Superblock) for s in slots), slots
     gens = sorted(s.generation for s in slots if isinstance(s, Superblock))
-    assert gens[1] == gens[0] + 1, f"slots are not consecutive generations: {gens}"
+    assert gens == [gens[0]] * 2 + [gens[0] + 1] * 2, f"not two copies of two generations: {gens}"
     guids = {s.pool_guid for s in slots if isinstance(s, Superblock)}
     assert guids == {sb.pool_guid}, "a slot still belongs to another pool"
     assert snapctl(srv, "check", "--repair").returncode == 0

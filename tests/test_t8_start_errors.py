@@ -91,7 +91,7 @@ def _damaged_inode_leaf(tmp: Path, _: LoopDevices) -> tuple[str, list[str]]:
     return str(disk), []
 
 
-def _both_superblocks(tmp: Path, _: LoopDevices) -> tuple[str, list[str]]:
+def _every_superblock(tmp: Path, _: LoopDevices) -> tuple[str, list[str]]:
     disk = _pool(tmp)
     for off in SUPERBLOCK_OFFSETS:
         flip_bytes(disk, off + SUPERBLOCK_SIZE // 2)
@@ -131,7 +131,7 @@ CASES = [
         "(inode-table leaf) failed its checksum",
         _damaged_inode_leaf,
     ),  # fmt: skip
-    Case("both-superblocks", "corrupt", "both superblocks fail", _both_superblocks),
+    Case("every-superblock", "corrupt", "every superblock copy fails", _every_superblock),
     Case("missing-disk", "not_found", "does not exist; give size=SIZE", _missing),
     Case("directory", "failed", "is a directory", _directory),
     Case(

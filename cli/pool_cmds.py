@@ -96,6 +96,56 @@ def upgrade(disk: str, as_json: bool) -> None:
     run(body)
 
 
+@main.command(
+    epilog="Example: snapctl -d pool.img rewind --list; snapctl -d pool.img rewind 41 --yes"
+)
+@click.argument("generation", type=click.IntRange(1), required=False)
+@click.option("--list", "list_", is_flag=True, help="Show the generations the pool can open at.")
+@click.option("--yes", is_flag=True, help="Really rewind: what was committed after is lost.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+def rewind(obj: Context, generation: int | None, list_: bool, yes: bool, as_json: bool) -> None:
+    """Open the pool at an earlier committed generation, when its newest state is damaged.
+
+    The last two generations before the newest are kept whole (their freed blocks wait two
+    commits); older ones are offered once their metadata verifies. A rewind commits the chosen
+    state as the newest and discards what came after. Needs the server stopped."""
+
+    def body() -> None:
+        disk = obj.disk
+        if not disk:
+            raise NotFound("no pool given: use -d DISK (or set DITTOFS_DISK)")
+        if list_ == (generation is not None):
+            raise InvalidArgument("give either --list or a GENERATION (see 'rewind --list')")
+        if list_:
+            found = Engine.rewind_list(disk)
+            if as_json:
+                click.echo(json.dumps(found, indent=2))
+                return
+            Renderer().rows(
+                ["GENERATION", "COMMITTED", "STATUS", "DETAIL"],
+                [
+                    [str(g["generation"]), str(g["commit_time"]), str(g["status"]),
+                     str(g["detail"])]
+                    for g in found
+                ],
+            )  # fmt: skip
+            return
+        if not yes:
+            raise Refused(
+                f"rewinding to generation {generation} discards everything committed after it: "
+                "add --yes to do it"
+            )
+        assert generation is not None
+        result = Engine.rewind(disk, generation)
+        if as_json:
+            click.echo(json.dumps(result))
+            return
+        click.echo(f"{disk}: {result['summary']}")
+
+    run(body)
+
+
 @main.command(epilog="Example: snapctl -d pool.img info --json")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @click.pass_obj

@@ -109,6 +109,7 @@ class Renderer:
             ("capacity", human_size(d["capacity_bytes"]) + (" (grows)" if d["growable"] else "")),
             ("used", human_size(d["used_bytes"])),
             ("free", human_size(d["free_bytes"])),
+            ("being freed", deferred_note(d.get("deferred_free_bytes", 0))),
             ("on the host", human_size(d["host_allocated_bytes"])),
             ("snapshots", d["snapshot_count"]),
             ("role", d["role"] + (" (superseded by its peer)" if d.get("superseded") else "")),
@@ -178,3 +179,8 @@ class Renderer:
         finally:
             if bar is not None:
                 bar.stop()
+
+
+def deferred_note(deferred: int) -> str:
+    """Freed space not reusable yet: the last two commits keep their blocks (for a rewind)."""
+    return f"{human_size(deferred)} (reusable after two more commits; sooner when space runs low)"

@@ -17,7 +17,7 @@ import click
 from fsimpl.errors import InvalidArgument, NotFound, Refused
 
 from .app import Context, complete_snapshot, main, run
-from .render import COLUMNS, Renderer, human_size
+from .render import COLUMNS, Renderer, deferred_note, human_size
 
 VOLUME_OPTION = click.option(
     "--volume", default="live", show_default=True, metavar="V", help="The volume to act on."
@@ -136,6 +136,8 @@ def list_cmd(
                 raise InvalidArgument(f"unknown column '{c}'; columns: {', '.join(COLUMNS)}")
         with obj.client() as c:
             snaps: list[dict[str, Any]] = c.call("list")
+            human = not (as_json or parsable or no_header) and sys.stdout.isatty()
+            pool = c.call("info") if human else None  # a footer for a person, not a script
         for key, reverse in ((sort, False), (rsort, True)):
             if key:
                 field = COLUMNS[key][0]
@@ -144,6 +146,11 @@ def list_cmd(
             click.echo(json.dumps(snaps, indent=2))
         else:
             Renderer(no_header=no_header, parsable=parsable).table(cols, snaps)
+        if pool is not None:
+            click.echo(
+                f"pool: {human_size(pool['free_bytes'])} free; being freed: "
+                + deferred_note(pool["deferred_free_bytes"])
+            )
 
     run(body)
 

@@ -18,11 +18,13 @@ A growable pool (an image file) extends its capacity instead of failing when it 
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from .errors import NoSpace
 from .layout import (
     BT_BITMAP,
+    DEFER_GENERATIONS,
     HEADER_SIZE,
     OWNER_BITMAP,
     BlockPointer,
@@ -57,6 +59,10 @@ class Allocator:
         self.busy = bytearray(nbytes)
         self.state = bytearray(nbytes)
         self.pending: list[int] = []  # freed in the open transaction
+        # freed by a durable commit but kept from reuse (still set in busy) until
+        # DEFER_GENERATIONS more commits: (the generation that freed them, the blocks)
+        self.deferred: deque[tuple[int, list[int]]] = deque()
+        self.deferred_blocks = 0
         self.dirty_leaves: set[int] = set()
         self.free_count = capacity_blocks
         self.cursor = 0
@@ -122,7 +128,13 @@ class Allocator:
     @property
     def available(self) -> int:
         """Blocks allocatable before the next commit (freed ones wait for it)."""
-        return self.free_count - len(self.pending)
+        return self.free_count - self.waiting
+
+    @property
+    def waiting(self) -> int:
+        """Blocks freed but not yet reusable: the open transaction's, and the deferral
+        window's (they keep the last generations whole, for a rewind)."""
+        return len(self.pending) + self.deferred_blocks
 
     def room_for_data(self, n: int, headroom: int) -> bool:
         """May n data blocks be taken, when the request dirties up to headroom more metadata
@@ -280,12 +292,63 @@ class Allocator:
         assert not reserved
         self.dirty_leaves.clear()
 
-    def release_pending(self) -> list[int]:
-        """After a durable commit: freed blocks become allocatable. Returns them."""
-        freed = self.pending
-        self.pending = []
+    def release_pending(self, generation: int) -> list[int]:
+        """After commit `generation` is durable: its frees enter the deferral window, and the
+        frees of commit generation - DEFER_GENERATIONS become allocatable. Returns those (to
+        punch out): no generation in the window loses a block it references."""
+        if self.pending:
+            self.deferred.append((generation, self.pending))
+            self.deferred_blocks += len(self.pending)
+            self.pending = []
+        freed: list[int] = []
+        while self.deferred and self.deferred[0][0] <= generation - DEFER_GENERATIONS:
+            _, blocks = self.deferred.popleft()
+            self.deferred_blocks -= len(blocks)
+            freed.extend(blocks)
         for b in freed:
             self.busy[b >> 3] &= ~(1 << (b & 7))
         if freed:
             self.cursor = min(self.cursor, min(freed))
         return freed
+
+    def mark_in_use(self, blocks: Iterable[int]) -> None:
+        """Blocks the free map wrongly calls free (check --repair): in use again, and out of
+        the deferral window (which would otherwise release and punch them)."""
+        todo = set(blocks)
+        for b in todo:
+            m = 1 << (b & 7)
+            if not self.state[b >> 3] & m:
+                self.state[b >> 3] |= m
+                self.free_count -= 1
+            self.busy[b >> 3] |= m
+            self.dirty_leaves.add(b // self.bits_per_leaf)
+        for i, (gen, waiting) in enumerate(self.deferred):
+            kept = [b for b in waiting if b not in todo]
+            self.deferred_blocks -= len(waiting) - len(kept)
+            self.deferred[i] = (gen, kept)
+
+    def defer_from(self, older: RadixTree, generation: int) -> int:
+        """At open: blocks a committed bitmap of the deferral window marks allocated and the
+        newest one calls free were freed by a recent commit; keep them from reuse as if commit
+        `generation` had freed them (at worst a little longer than needed). Returns how many."""
+        leaf_bytes = self.bits_per_leaf // 8
+        blocks: list[int] = []
+        for leaf_no, node in older.iter_leaves():
+            start = leaf_no * leaf_bytes
+            if start >= len(self.busy):
+                break
+            n = min(leaf_bytes, len(self.busy) - start)
+            was = int.from_bytes(node.buf[HEADER_SIZE : HEADER_SIZE + n], "little")
+            extra = was & ~int.from_bytes(self.busy[start : start + n], "little")
+            base = start * 8
+            while extra:
+                low = extra & -extra
+                blocks.append(base + low.bit_length() - 1)
+                extra ^= low
+        blocks = [b for b in blocks if b < self.capacity]
+        for b in blocks:
+            self.busy[b >> 3] |= 1 << (b & 7)
+        if blocks:
+            self.deferred.append((generation, blocks))
+            self.deferred_blocks += len(blocks)
+        return len(blocks)

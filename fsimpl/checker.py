@@ -151,6 +151,14 @@ def check(device: Device) -> CheckReport:
     return report
 
 
+def check_state(pool: Pool) -> CheckReport:
+    """The checker's walk over the state an open pool holds (a rewind's candidate): every
+    metadata block of every tree, ownership and counters; not the superblock slots."""
+    report = CheckReport()
+    _Walker(pool, report).run()
+    return report
+
+
 def _check_superblocks(device: Device, report: CheckReport) -> None:
     """Every slot must hold a valid superblock of this pool: the newest generation in its two
     slots, its predecessor in the other two. A bad slot is never fatal while a copy of the
@@ -603,12 +611,7 @@ def repair(device: Device) -> RepairReport:
         count_wrong = sb_used != alloc.used_blocks  # wrong before the fixes below change it
         for b in walker.leaked:
             alloc.free(b)  # reusable (and punched out) once the repair commit is durable
-        for b in walker.owned_free:
-            m = 1 << (b & 7)
-            alloc.state[b >> 3] |= m
-            alloc.busy[b >> 3] |= m
-            alloc.free_count -= 1
-            alloc.dirty_leaves.add(b // alloc.bits_per_leaf)
+        alloc.mark_in_use(walker.owned_free)
         if walker.leaked:
             fixed.append(f"freed {len(walker.leaked)} leaked blocks")
         if walker.owned_free:

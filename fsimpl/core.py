@@ -26,6 +26,7 @@ from typing import Any
 from .device import Device
 from .errors import DittoError, InvalidArgument, NotFound, Refused
 from .layout import (
+    DEFER_GENERATIONS,
     OP_DELETE,
     OP_FLATTEN,
     OP_RECEIVE,
@@ -153,6 +154,20 @@ class EngineCore:
         """Commit a change older than COMMIT_INTERVAL (the ticker's bound on loss)."""
         if self.pool.is_dirty and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
             self.commit()
+
+    def make_room(self) -> bool:
+        """Short of space: commit until the frees waiting in the deferral window are reusable
+        (this gives up the rewind window, which is what space pressure must take first).
+        False when there was nothing to wait for."""
+        alloc = self.pool.allocator
+        if not alloc.waiting and not self.pool.is_dirty:
+            return False
+        for _ in range(DEFER_GENERATIONS + 1):
+            if not self.pool.allocator.waiting and not self.pool.is_dirty:
+                break
+            self.pool.sb_dirty = True
+            self.commit()
+        return True
 
     def keep_commit_room(self) -> None:
         """Commit now if the open transaction has eaten into the reserve: a commit must always

@@ -28,7 +28,7 @@ from .device import Device
 from .exports import Export, ExportRequests
 from .layout import DEFAULT_BLOCK_SIZE, SnapshotRecord
 from .names import DEFAULT_VOLUME
-from .opening import format_disk, open_pool
+from .opening import format_disk, open_pool, rewind_disk, rewind_list
 from .pool_ops import PoolOps
 from .replication import ByteSink, ByteSource, ReplicationStreams
 from .roles import StandbyRoles
@@ -70,6 +70,7 @@ class Engine:
         checksums: bool = False,
         serve: bool = False,
         metadata_copies: int = 1,
+        rewind: int | None = None,
     ) -> Engine:
         """Open (with create_size and a missing path: create) the pool on path, exclusively.
         serve (implied by claim): the caller will write to it, so a read-only device is refused
@@ -82,6 +83,7 @@ class Engine:
             checksums=checksums,
             serve=serve or claim,
             metadata_copies=metadata_copies,
+            rewind=rewind,
         )
         try:
             engine = cls(device, pool, cow, cache_bytes, merge)
@@ -108,6 +110,16 @@ class Engine:
     def upgrade(path: str) -> dict[str, object]:
         """Upgrade the pool on path to this release's format version (upgrade.py)."""
         return upgrade_disk(path)
+
+    @staticmethod
+    def rewind_list(path: str) -> list[dict[str, object]]:
+        """The generations the pool on path can be opened at (rewind.py)."""
+        return rewind_list(path)
+
+    @staticmethod
+    def rewind(path: str, generation: int) -> dict[str, object]:
+        """Open the pool on path at generation, committed as its newest (rewind.py)."""
+        return rewind_disk(path, generation)
 
     def claim(self, pid: int) -> None:
         self.core.claim(pid)

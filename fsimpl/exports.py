@@ -229,9 +229,10 @@ class ExportRequests:
                 try:
                     self._put(vol, ex, data, offset)
                 except NoSpace:
-                    # Blocks freed since the last commit, and the room kept for committing,
-                    # come back with a commit; if the pool is still full, the writer hears it.
-                    if not core.commit():
+                    # Blocks freed lately (the open transaction's, the deferral window's) and
+                    # the room kept for committing come back with commits; if the pool is
+                    # still full, the writer hears it.
+                    if not core.make_room():
                         raise
                     self._put(vol, ex, data, offset)
             if fua:

@@ -453,8 +453,9 @@ assert list(BlockPointer._fields) == POINTER_LAYOUT.names
 ROOTS = ("inode", "snap", "bitmap")  # the superblock's three roots
 
 
-def root_pointer(sb: Superblock, which: str) -> BlockPointer:
-    """The superblock's root of the inode table, the snapshot table or the bitmap."""
+def root_pointer(sb: Superblock | RootEntry, which: str) -> BlockPointer:
+    """The root of the inode table, the snapshot table or the bitmap, as a superblock (or a
+    ring entry) holds it."""
     return BlockPointer(
         getattr(sb, f"{which}_root"),
         getattr(sb, f"{which}_root1"),

@@ -11,11 +11,21 @@ import logging
 import os
 
 from .device import Device
-from .errors import DittoError, InvalidArgument, NotFound, PoolBusy, ReadOnlyDisk, Refused
+from .errors import (
+    CorruptMetadata,
+    DittoError,
+    InvalidArgument,
+    NotFound,
+    PoolBusy,
+    ReadOnlyDisk,
+    Refused,
+)
 from .layout import SUPERBLOCK_OFFSETS, check_block_size
 from .probe import detect_signature
+from .rewind import generations, newest_usable
+from .rewind import rewind as rewind_pool
 from .rundir import pid_alive
-from .txn import Pool, read_superblock, refuse_if_in_use
+from .txn import Pool, commit_time, read_superblock, read_superblocks, refuse_if_in_use
 
 log = logging.getLogger("dittofs")
 
@@ -31,10 +41,12 @@ def open_pool(
     checksums: bool,
     serve: bool = False,
     metadata_copies: int = 1,
+    rewind: int | None = None,
 ) -> tuple[Device, Pool]:
     """The pool on path, exclusively; with create_size and a missing path, a new image file.
     serve: the caller will write (serve it, claim it): a read-only device is refused now, with
-    one clear line, rather than at its first commit."""
+    one clear line, rather than at its first commit. rewind: open it at that generation of
+    its history, committed as the newest (rewind.py)."""
     if create_size is not None and not os.path.exists(path):
         check_size(create_size)
         _check_block_size(block_size, f"block-size={block_size}: ")
@@ -54,7 +66,12 @@ def open_pool(
         lock(device)
         if serve and device.read_only_device:
             raise read_only_disk(path)
-        pool = Pool.open(device, cache_bytes)
+        if rewind is not None:
+            refuse_if_in_use(read_superblocks(device, strict=False)[0], path, "stop it first")
+            pool, report = rewind_pool(device, rewind)
+            log.warning("%s: rewind=%d: %s", path, rewind, report["summary"])
+            return device, pool
+        pool = _open_newest(device, cache_bytes)
         refuse_if_in_use(pool.sb, path, "stop it first")
         pool.restore_second_copy()
         for slot, problem in pool.superblock_problems:
@@ -70,6 +87,52 @@ def open_pool(
     except BaseException:
         device.close()
         raise
+
+
+def _open_newest(device: Device, cache_bytes: int) -> Pool:
+    """Pool.open; when the newest state cannot be read, the refusal names the newest
+    generation that can (the way out: a rewind)."""
+    try:
+        return Pool.open(device, cache_bytes)
+    except CorruptMetadata as e:
+        if "rewind" in str(e):
+            raise
+        usable = newest_usable(device)
+        path = device.path
+        if usable is None or usable.status == "newest":
+            raise
+        raise CorruptMetadata(
+            f"{e}. The newest state cannot be opened; the newest usable generation is "
+            f"{usable.generation} (committed {commit_time(usable.commit_ns)}): 'snapctl -d {path} "
+            f"rewind --list' shows the choices, 'snapctl -d {path} rewind {usable.generation} "
+            "--yes' opens the pool there (what was committed after it is discarded)",
+            e.address,
+            e.block_type,
+        ) from None
+
+
+def rewind_list(path: str) -> list[dict[str, object]]:
+    """`snapctl rewind --list`: the generations the pool on path can be opened at."""
+    device = _device(path, create=False)
+    try:
+        lock(device)
+        refuse_if_in_use(read_superblocks(device, strict=False)[0], path, "stop it first")
+        return [g.json() for g in generations(device)]
+    finally:
+        device.close()
+
+
+def rewind_disk(path: str, generation: int) -> dict[str, object]:
+    """`snapctl rewind GEN --yes`: open the pool on path at GEN, committed as its newest."""
+    device = _device(path, create=False)
+    try:
+        lock(device)
+        if device.read_only_device:
+            raise read_only_disk(path)
+        refuse_if_in_use(read_superblocks(device, strict=False)[0], path, "stop it first")
+        return rewind_pool(device, generation)[1]
+    finally:
+        device.close()
 
 
 def format_disk(

@@ -203,7 +203,8 @@ def _hello(c: Call) -> Any:
     "info",
     "the pool",
     result="`disk`, `format_version`, `pool_guid`, `block_size`, `capacity_bytes`, `growable`, "
-    "`used_bytes`, `free_bytes`, `host_allocated_bytes`, `generation`, `volumes` "
+    "`used_bytes`, `free_bytes`, `deferred_free_bytes` (freed, reusable after the deferral "
+    "window of two commits), `host_allocated_bytes`, `generation`, `volumes` "
     "(`{name, size_bytes, allocated_bytes, snapshots, connections}`), `snapshot_count`, "
     "`newest_snapshot`, `pending_deletes`, `role`, `peer`, `last_common`, `superseded`, `cow`, "
     "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits, "

@@ -29,7 +29,8 @@ class PoolOps(OperationModule):
                 "capacity_bytes": pool.allocator.capacity * bs,
                 "growable": sb.growable,
                 "used_bytes": pool.allocator.used_blocks * bs,
-                "free_bytes": pool.allocator.free_count * bs,
+                "free_bytes": pool.allocator.available * bs,
+                "deferred_free_bytes": pool.allocator.waiting * bs,
                 "host_allocated_bytes": self.core.device.allocated_bytes(),
                 "generation": sb.generation,
                 "volumes": [

@@ -29,12 +29,15 @@ from .blockmap import BlockMap
 from .device import Device
 from .errors import CorruptMetadata, NotAPool, PoolBusy, PoolTruncated, UnsupportedFormat
 from .layout import (
+    BT_BITMAP,
+    DEFER_GENERATIONS,
     FEATURE_DATA_CHECKSUMS,
     FORMAT_VERSION,
     INODE_SHADOW,
     INODE_VOLUME,
     OP_DELETE,
     OP_NONE,
+    OWNER_BITMAP,
     RESERVED_BYTES,
     SNAP_ACTIVE,
     SNAP_DELETING,
@@ -42,6 +45,7 @@ from .layout import (
     SUPERBLOCK_OFFSETS,
     SUPERBLOCK_SIZE,
     InodeRecord,
+    RootEntry,
     SnapshotRecord,
     Superblock,
     check_block_size,
@@ -92,12 +96,14 @@ def read_superblock(device: Device) -> Superblock:
     return read_superblocks(device)[0]
 
 
-def read_superblocks(device: Device) -> tuple[Superblock, list[tuple[int, str]]]:
+def read_superblocks(
+    device: Device, strict: bool = True
+) -> tuple[Superblock, list[tuple[int, str]]]:
     """The newest generation with a valid copy, and what is wrong with the other slots (if
     anything is: (slot, problem)). Refuses (CorruptMetadata, naming the newest usable generation
     and `snapctl rewind`) when both slots of one parity are unusable: the generation they held
     may have been newer than any left, and opening an older one silently would drop
-    acknowledged writes."""
+    acknowledged writes. strict=False: the newest valid copy anyway (for a rewind)."""
     raw = device.pread(RESERVED_BYTES, 0)
     found: dict[int, Superblock] = {}
     errors: list[Exception] = []
@@ -126,14 +132,14 @@ def read_superblocks(device: Device) -> tuple[Superblock, list[tuple[int, str]]]
     if newest.version == 1:  # two 4 KiB slots, one per generation (the other two: inside them)
         problems = [(slot, why) for slot, why in problems if slot in (0, 2)]
         return newest, problems
-    for parity in (0, 1):
+    for parity in (0, 1) if strict else ():
         pair = (parity, 2 + parity)
         if all(slot not in found for slot in pair) and newest.generation % 2 != parity:
             raise CorruptMetadata(
                 f"{device.path}: both copies of a superblock generation (slots {pair[0]} and "
                 f"{pair[1]}) are damaged, and it may have been newer than generation "
                 f"{newest.generation}, the newest one left (committed "
-                f"{_when(newest.commit_ns)}). Nothing was opened or changed. "
+                f"{commit_time(newest.commit_ns)}). Nothing was opened or changed. "
                 f"'snapctl -d {device.path} rewind --list' shows the usable generations; "
                 f"'snapctl -d {device.path} rewind {newest.generation} --yes' opens the pool "
                 "there",
@@ -143,7 +149,8 @@ def read_superblocks(device: Device) -> tuple[Superblock, list[tuple[int, str]]]
     return newest, problems
 
 
-def _when(ns: int) -> str:
+def commit_time(ns: int) -> str:
+    """A commit time as messages and listings show it."""
     if not ns:
         return "at an unrecorded time"
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ns / 1e9))
@@ -194,6 +201,9 @@ class Pool:
         self.allocator.commit_need = self._commit_need
         self.superblock_problems: list[tuple[int, str]] = []  # found at open: (slot, why)
         self.superblock_last_page = 1  # see write_superblock
+        # after a rewind: the generation rewound to, first in the next commit's ring (in place
+        # of the superblock's own, which names a generation whose state was discarded)
+        self.ring_head: RootEntry | None = None
 
     # --- open and format ----------------------------------------------------------------------
 
@@ -222,6 +232,29 @@ class Pool:
         pool.superblock_problems = problems
         pool._load()
         return pool
+
+    def _load_deferred(self) -> None:
+        """The deferral window across a restart: what the bitmaps of the last
+        DEFER_GENERATIONS generations (from the root ring) hold that the newest one frees."""
+        for entry in unpack_ring(self.sb)[:DEFER_GENERATIONS]:
+            older = RadixTree(
+                self.store,
+                OWNER_BITMAP,
+                BT_BITMAP,
+                self.allocator.bits_per_leaf,
+                root_pointer(entry, "bitmap"),
+                entry.bitmap_height,
+            )
+            try:
+                self.allocator.defer_from(older, self.sb.generation)
+            except CorruptMetadata as e:
+                log.warning(
+                    "%s: the free-space bitmap of generation %d cannot be read (%s): its "
+                    "blocks may be reused, so a rewind to it or before is not guaranteed",
+                    self.device.path,
+                    entry.generation,
+                    e,
+                )
 
     def restore_second_copy(self) -> None:
         """A crash after a commit's first superblock copy was durable, or damage since, can
@@ -295,6 +328,7 @@ class Pool:
     def _load(self) -> None:
         sb = self.sb
         self.allocator.load(root_pointer(sb, "bitmap"), sb.bitmap_height)
+        self._load_deferred()
         shadows: list[InodeRecord] = []
         for _, rec in self.inodes.items():
             if rec.kind == INODE_VOLUME:
@@ -535,13 +569,14 @@ class Pool:
             used_blocks=self.allocator.used_blocks,
             capacity_blocks=self.allocator.capacity,
             commit_ns=time.time_ns(),
-            ring=pack_ring([root_entry(self.sb), *unpack_ring(self.sb)]),
+            ring=pack_ring([self.ring_head or root_entry(self.sb), *unpack_ring(self.sb)]),
         )
         if sb.capacity_blocks != self.sb.capacity_blocks:
             self.device.truncate(sb.capacity_blocks * self.block_size)
         self.device.sync()
         write_superblock(self.device, sb, self.superblock_last_page)
         self.sb = sb
+        self.ring_head = None
         self.allocator.grown = False
 
         self.store.generation = sb.generation + 1
@@ -551,7 +586,7 @@ class Pool:
         self.dirty_snaps.clear()
         self.sb_dirty = False
         self.commits += 1
-        self._discard(self.allocator.release_pending())
+        self._discard(self.allocator.release_pending(sb.generation))
         return True
 
     def _discard(self, freed: list[int]) -> None:

@@ -54,6 +54,7 @@ _KEYS = (
     "nbd",
     "checksum",
     "metadata-copies",
+    "rewind",
 )
 _engine: Engine | None = None
 _control: ControlServer | None = None
@@ -141,6 +142,17 @@ def _copies() -> int:
     return int(value)
 
 
+def _rewind() -> int | None:
+    value = _config.get("rewind")
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) <= 0:
+        raise InvalidArgument(
+            f"rewind={value}: give a generation number ('snapctl rewind --list' shows them)"
+        )
+    return int(value)
+
+
 def _size(key: str, default: str) -> int:
     # fsimpl's parser, not nbdkit.parse_size: that one logs its own error line first
     return parse_size(_config.get(key, default), f"{key}=")
@@ -180,6 +192,7 @@ def get_ready() -> None:
             serve=True,
             checksums=_config.get("checksum", "off") in ("on", "yes", "1", "true"),
             metadata_copies=_copies(),
+            rewind=_rewind(),
         )
     except DittoError as e:
         _refuse(e)

@@ -18,6 +18,7 @@ from support.logcheck import EngineLogWatch, log_entries
 from support.snapctl import snapctl, snapctl_json
 
 from fsimpl.errors import DittoError
+from fsimpl.layout import SUPERBLOCK_SIZE
 
 
 def _image(tmp_path: Path, size: int = 1 << 20) -> Path:
@@ -58,8 +59,8 @@ def test_a_torn_superblock_write_then_a_power_cut(tmp_path: Path) -> None:
     dev.fail("write", where=SUPERBLOCK_WRITE, torn=24, error=PowerCut)
     dev.pwrite(b"x" * 4096, 8192)  # not a superblock slot
     with pytest.raises(PowerCut):
-        dev.pwrite(b"S" * 4096, 4096)
-    assert dev.pread(4096, 4096) == b"S" * 24 + bytes(4096 - 24)
+        dev.pwrite(b"S" * SUPERBLOCK_SIZE, 4096)
+    assert dev.pread(SUPERBLOCK_SIZE, 4096) == b"S" * 24 + bytes(SUPERBLOCK_SIZE - 24)
     dev.close()
 
 

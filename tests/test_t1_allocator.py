@@ -49,7 +49,7 @@ class Rig:
         """What a pool commit does for the allocator: write the bitmap, release pending."""
         self.alloc.commit()
         self.store.generation += 1
-        return self.alloc.release_pending()
+        return self.alloc.release_pending(self.store.generation - 1)
 
     def fresh_store(self, cache_bytes: int = 1 << 20) -> MetaStore:
         """A second store over the same device with an empty cache (a reopen)."""
@@ -138,10 +138,17 @@ def test_freed_blocks_are_not_reused_before_commit(rig: Rig) -> None:
     more = [a.allocate() for _ in range(200)]
     assert not set(more) & set(freed)
     assert min(more) == FIRST + 50
-    # a commit makes them allocatable, lowest first
+    # the commit that frees them keeps them DEFER_GENERATIONS more commits (the generations
+    # before the newest stay whole, for a rewind)...
+    assert rig.commit() == []
+    assert a.pending == [] and a.waiting == len(freed)
+    assert all(busy(a, b) for b in freed)
+    for _ in range(L.DEFER_GENERATIONS - 1):
+        assert rig.commit() == []
+    # ...then they are allocatable, lowest first
     released = rig.commit()
     assert sorted(released) == freed
-    assert a.pending == []
+    assert a.waiting == 0
     assert all(not busy(a, b) for b in freed)
     again = [a.allocate() for _ in range(10)]
     assert again == freed
@@ -232,14 +239,21 @@ def test_bitmap_of_a_pool_survives_reopen(tmp_path: Path) -> None:
     eng.flush()
     alloc = eng.pool.allocator
     mem_state, mem_used, cap = bytes(alloc.state), alloc.used_blocks, alloc.capacity
-    assert bytes(alloc.busy) == mem_state  # nothing pending after a commit
+    assert alloc.pending == []  # nothing pending after a commit...
+    assert alloc.waiting  # ...but the trim and the CoW freed blocks the window still keeps
     eng.close()
+    waiting = bytes(alloc.busy)
     dev = Device(str(path), readonly=True)
     pool = Pool.open(dev)
     assert pool.allocator.capacity == cap
     # close() committed the in-use record only: the bitmap is the same
     assert bytes(pool.allocator.state) == mem_state
     assert pool.allocator.used_blocks == mem_used == pool.sb.used_blocks
+    # and the deferral window is rebuilt from the ring's bitmaps: blocks the last generations
+    # reference wait again (not those a transaction allocated and freed before committing)
+    again = int.from_bytes(pool.allocator.busy, "little")
+    assert again & ~int.from_bytes(waiting, "little") == 0
+    assert pool.allocator.waiting > 0
     dev.close()
 
 
@@ -270,6 +284,8 @@ def test_metadata_blocks_freed_by_cow_are_not_reused_before_commit(tmp_path: Pat
     assert not data_addrs & freed_now
     # the committed state (still on disk) is intact: the old leaf still reads block 0 only
     eng.flush()
+    assert all(busy(alloc, b) for b in freed_now)  # the deferral window keeps them...
+    assert eng.core.make_room()  # ...until two more commits (or space runs low)
     assert all(not busy(alloc, b) for b in freed_now)  # reusable now
     # ... and actually reused by the next allocations from the bottom
     alloc.cursor = 0
@@ -438,6 +454,8 @@ def test_tree_change_after_commit_is_copy_on_write(rig: Rig) -> None:
         FAN + 2: 1000 + FAN + 2,
     }
     old_bitmap = {x for x, _ in rig.alloc.tree.all_node_addresses()}
+    assert rig.commit() == []  # the deferral window keeps them two more commits
+    assert rig.commit() == []
     released = rig.commit()
     # released: the replaced tree nodes, plus the bitmap's own previous blocks
     assert set(released) == (old_nodes - new_nodes) | old_bitmap

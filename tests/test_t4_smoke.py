@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
@@ -29,6 +30,15 @@ def test_trim_gives_space_back_to_the_host(servers, tmp_path: Path) -> None:
     assert full >= 32 << 20
     live.trim(32 << 20, 0)
     live.flush()
+    # the freed space waits in the deferral window (the last two generations stay whole)...
+    info = json.loads(srv.snapctl("info", "--json").stdout)
+    assert info["deferred_free_bytes"] >= 30 << 20, info
+    waiting = (tmp_path / "pool.img").stat().st_blocks * 512
+    assert waiting >= full - (1 << 20), (full, waiting)
+    # ...and is punched out of the image once two more commits have passed
+    for i in range(2):
+        live.pwrite(bytes([i + 1]) * 4096, (40 + i) << 20)  # a new block: a commit
+        live.flush()
     after = (tmp_path / "pool.img").stat().st_blocks * 512
     assert after < full - (30 << 20), (full, after)
     assert live.pread(4096, 5 << 20) == bytes(4096)

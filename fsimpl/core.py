@@ -78,6 +78,11 @@ class EngineCore:
         # Kept in memory only, so a crash in the middle brings the pool back a primary.
         self.handing_over = False
         self.endpoint: Any = None  # the standby replication endpoint, when this process runs one
+        # the background scrub (scrub.py): its rate clock and what it found, since this process
+        # started it (its position and counters are in the superblock)
+        self.started_scrub = 0.0
+        self.scrubbed_since_start = 0
+        self.scrub_found: list[str] = []
 
     # --- the pool's lifetime ------------------------------------------------------------------
 
@@ -203,7 +208,11 @@ class EngineCore:
     def check_snapshot_room(self) -> None:
         """Refuse a new snapshot below the pool's snapshot-min-free (live writes go on)."""
         minimum = self.pool.sb.snapshot_min_free * self.pool.block_size
-        if minimum and self.free_bytes() < minimum:
+        if not minimum:
+            return
+        if self.free_bytes() < minimum:
+            self.make_room()  # the deferral window's frees count: pressure gives up rewind first
+        if self.free_bytes() < minimum:
             raise Refused(
                 f"only {self.free_bytes()} bytes are free, below the {minimum} kept for new "
                 "snapshots (live writes go on): delete snapshots, or lower the minimum with "

@@ -26,12 +26,13 @@ from .background import MERGE_IDLE, BackgroundWork
 from .core import STEP_SECONDS, EngineCore, Progress
 from .device import Device
 from .exports import Export, ExportRequests
-from .layout import DEFAULT_BLOCK_SIZE, SnapshotRecord
+from .layout import DEFAULT_BLOCK_SIZE, DEFAULT_METADATA_COPIES, SnapshotRecord
 from .names import DEFAULT_VOLUME
 from .opening import format_disk, open_pool, rewind_disk, rewind_list
 from .pool_ops import PoolOps
 from .replication import ByteSink, ByteSource, ReplicationStreams
 from .roles import StandbyRoles
+from .scrub import Scrub
 from .snapshot_ops import DEFAULT_HOLD_TAG, SnapshotInfo, SnapshotOps
 from .txn import DEFAULT_CACHE_BYTES, Pool
 from .upgrade import upgrade_disk
@@ -53,6 +54,7 @@ class Engine:
         self.replication = ReplicationStreams(self.core, self.snapshots)
         self.roles = StandbyRoles(self.core, self.snapshots)
         self.pool_ops = PoolOps(self.core)
+        self.scrubber = Scrub(self.core)
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -69,7 +71,7 @@ class Engine:
         claim: bool = True,
         checksums: bool = False,
         serve: bool = False,
-        metadata_copies: int = 1,
+        metadata_copies: int = DEFAULT_METADATA_COPIES,
         rewind: int | None = None,
     ) -> Engine:
         """Open (with create_size and a missing path: create) the pool on path, exclusively.
@@ -101,7 +103,7 @@ class Engine:
         block_size: int = DEFAULT_BLOCK_SIZE,
         force: bool = False,
         checksums: bool = False,
-        metadata_copies: int = 1,
+        metadata_copies: int = DEFAULT_METADATA_COPIES,
     ) -> dict[str, object]:
         """Make a pool on path (opening.format_disk)."""
         return format_disk(path, size, block_size, force, checksums, metadata_copies)
@@ -209,7 +211,9 @@ class Engine:
     # --- background work (background.py) ------------------------------------------------------
 
     def tick(self) -> bool:
-        return self.background.tick()
+        more = self.background.tick()
+        with self.core.lock:
+            return self.scrubber.step() or more
 
     # --- snapshots (snapshot_ops.py) ------------------------------------------------------------
 
@@ -353,6 +357,15 @@ class Engine:
 
     def check_committed(self) -> dict[str, object]:
         return self.pool_ops.check_committed()
+
+    def scrub_start(self, rate: int = 0) -> dict[str, object]:
+        return self.scrubber.start(rate)
+
+    def scrub_stop(self) -> dict[str, object]:
+        return self.scrubber.stop()
+
+    def scrub_status(self) -> dict[str, object]:
+        return self.scrubber.status()
 
     def scrub(self, progress: Progress | None = None) -> dict[str, object]:
         return self.pool_ops.scrub(progress)

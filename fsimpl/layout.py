@@ -60,6 +60,7 @@ RESERVED_BYTES = 8192  # the slots; the first block after them is the first allo
 # Version 1 kept one 4 KiB slot per generation, at 0 and 4096 (generation % 2).
 SUPERBLOCK_V1_SIZE = 4096
 SUPERBLOCK_V1_OFFSETS = (0, 4096)
+DEFAULT_METADATA_COPIES = 2  # every metadata block written twice, far apart (format)
 ROOT_RING = 8  # committed roots every superblock remembers: the rewindable history
 DEFER_GENERATIONS = 2  # a block freed by commit g is reused only after commit g + 2: whole
 
@@ -184,6 +185,16 @@ class Superblock:
     commit_ns: int = ondisk("Q", "when this generation was committed (ns since the epoch)")
     rewound_to: int = ondisk("Q", "the generation the pool was last rewound to (0: never)")
     rewound_at: int = ondisk("Q", "the generation that rewind committed")
+    scrub_state: int = ondisk("B", "scrub: 0 never run, 1 running, 2 stopped, 3 finished")
+    scrub_pass: int = ondisk("B", "scrub: 0 metadata, 1 data")
+    scrub_item: int = ondisk("Q", "scrub: the tree (metadata) or map (data) it is at", pad_before=6)
+    scrub_key: int = ondisk("Q", "scrub: the next node (metadata) or block (data) in it")
+    scrub_rate: int = ondisk("Q", "scrub: bytes per second (0: as fast as it can)")
+    scrub_started_ns: int = ondisk("Q", "scrub: when this scrub started")
+    scrub_ended_ns: int = ondisk("Q", "scrub: when it finished or was stopped")
+    scrub_bytes: int = ondisk("Q", "scrub: bytes verified so far")
+    scrub_healed: int = ondisk("Q", "scrub: bad copies healed")
+    scrub_errors: int = ondisk("Q", "scrub: blocks found damaged beyond healing")
     ring: bytes = ondisk(
         f"{ROOT_RING * 128}s",
         f"the {ROOT_RING} generations committed before this one, newest first (root ring "
@@ -192,10 +203,10 @@ class Superblock:
     )
 
 
-SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=346)
+SUPERBLOCK_CODEC = RecordCodec(Superblock, "superblock slot", SUPERBLOCK_SIZE, reserved_tail=274)
 # Version 1 slots: 4 KiB, the same fields (those version 2 added read as zero there).
 SUPERBLOCK_V1_CODEC = RecordCodec(
-    Superblock, "superblock slot, version 1", SUPERBLOCK_V1_SIZE, reserved_tail=2394
+    Superblock, "superblock slot, version 1", SUPERBLOCK_V1_SIZE, reserved_tail=2322
 )
 _VERSION_AT = 12  # the version word follows the checksum and the magic
 

@@ -20,7 +20,7 @@ from .errors import (
     ReadOnlyDisk,
     Refused,
 )
-from .layout import SUPERBLOCK_OFFSETS, check_block_size
+from .layout import DEFAULT_METADATA_COPIES, SUPERBLOCK_OFFSETS, check_block_size
 from .probe import detect_signature
 from .rewind import generations, newest_usable
 from .rewind import rewind as rewind_pool
@@ -40,7 +40,7 @@ def open_pool(
     cache_bytes: int,
     checksums: bool,
     serve: bool = False,
-    metadata_copies: int = 1,
+    metadata_copies: int = DEFAULT_METADATA_COPIES,
     rewind: int | None = None,
 ) -> tuple[Device, Pool]:
     """The pool on path, exclusively; with create_size and a missing path, a new image file.
@@ -141,7 +141,7 @@ def format_disk(
     block_size: int,
     force: bool,
     checksums: bool,
-    metadata_copies: int = 1,
+    metadata_copies: int = DEFAULT_METADATA_COPIES,
 ) -> dict[str, object]:
     """Make a pool on path: a new image file (size required), an existing file, or a block
     device (live defaults to the device's size; thin either way). Refuses a disk that holds

@@ -245,6 +245,12 @@ def _check_pool(c: Call) -> Any:
     return c.engine.check_committed()
 
 
+SCRUB_STATUS = (
+    "`{state (never run|running|stopped|finished), pass (metadata|data), rate, started_ns, "
+    "ended_ns, bytes, healed, errors, checksums, found: [what, ...]}`"
+)
+
+
 @operation(
     "scrub",
     "verify both copies of every metadata block (a bad copy is rewritten from its good twin "
@@ -256,6 +262,27 @@ def _check_pool(c: Call) -> Any:
 )
 def _scrub(c: Call) -> Any:
     return c.engine.scrub(c.progress)
+
+
+@operation(
+    "scrub_start",
+    "start a background scrub (or resume a stopped one): both copies of every metadata block, "
+    "then every data block, in bounded steps of the server's ticker",
+    args=[optional("rate", Kind.BYTES, 0, "bytes per second; 0: as fast as it can")],
+    result=SCRUB_STATUS,
+)
+def _scrub_start(c: Call) -> Any:
+    return c.engine.scrub_start(c.args["rate"])
+
+
+@operation("scrub_stop", "stop the running scrub (scrub_start resumes it)", result=SCRUB_STATUS)
+def _scrub_stop(c: Call) -> Any:
+    return c.engine.scrub_stop()
+
+
+@operation("scrub_status", "where the scrub is and what it found", result=SCRUB_STATUS)
+def _scrub_status(c: Call) -> Any:
+    return c.engine.scrub_status()
 
 
 @operation(

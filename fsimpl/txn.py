@@ -30,6 +30,7 @@ from .device import Device
 from .errors import CorruptMetadata, NotAPool, PoolBusy, PoolTruncated, UnsupportedFormat
 from .layout import (
     BT_BITMAP,
+    DEFAULT_METADATA_COPIES,
     DEFER_GENERATIONS,
     FEATURE_DATA_CHECKSUMS,
     FORMAT_VERSION,
@@ -282,7 +283,7 @@ class Pool:
         growable: bool,
         cache_bytes: int = DEFAULT_CACHE_BYTES,
         checksums: bool = False,
-        metadata_copies: int = 1,
+        metadata_copies: int = DEFAULT_METADATA_COPIES,
     ) -> Pool:
         check_block_size(block_size)
         if metadata_copies not in (1, 2):

@@ -35,7 +35,7 @@ from fsimpl import rundir  # noqa: E402
 from fsimpl.control import ControlServer  # noqa: E402
 from fsimpl.engine import Engine, Export  # noqa: E402
 from fsimpl.errors import DittoError, InvalidArgument  # noqa: E402
-from fsimpl.layout import DEFAULT_BLOCK_SIZE  # noqa: E402
+from fsimpl.layout import DEFAULT_BLOCK_SIZE, DEFAULT_METADATA_COPIES  # noqa: E402
 from fsimpl.txn import DEFAULT_CACHE_BYTES  # noqa: E402
 from fsimpl.units import parse_size  # noqa: E402
 
@@ -136,7 +136,7 @@ def config_complete() -> None:
 
 
 def _copies() -> int:
-    value = _config.get("metadata-copies", "1")
+    value = _config.get("metadata-copies", str(DEFAULT_METADATA_COPIES))
     if value not in ("1", "2"):
         raise InvalidArgument(f"metadata-copies={value}: use 1 or 2")
     return int(value)

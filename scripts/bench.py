@@ -16,7 +16,9 @@ Workloads (full sizes; --size-scale multiplies every size, --quick shrinks sizes
           random writes at QD1 with a FLUSH after each (fsync-heavy); first write
           after a snapshot of the fully written volume: sequential 1 MiB, then 4 KiB at QD16
           into every 64 KiB block once in random order (a fio replay log); delete of the
-          snapshot the sequential first write left owning 1 GiB.
+          snapshot the sequential first write left owning 1 GiB. The same rows again on
+          pools formatted with one metadata copy (the default keeps two): the second copy's
+          cost.
   chain   100 snapshots, each 1% of the blocks changed from the next: sequential 1 MiB and
           4 KiB QD16 random reads of the oldest versus live.
   create  snapshot create on a 1 TiB sparse pool with 0, 100 and 1,000 snapshots: median of
@@ -79,6 +81,17 @@ from bench_systems import (  # noqa: E402
 
 GiB, MiB, TiB = 1 << 30, 1 << 20, 1 << 40
 SYSTEMS = ["file", "pt", "qcow2", "move", "copy"]
+# io rows measured again on pools with one metadata copy (the default keeps two)
+ONE_COPY_ROWS = {
+    "seq_fill": "seq write 1M, empty volume",
+    "seq_write": "seq write 1M, overwrite",
+    "seq_read": "seq read 1M",
+    "rand_write": "4K random write QD16, steady",
+    "rand_read": "4K random read QD16",
+    "fsync_write": "4K random write QD1, FLUSH after each",
+    "first_seq": "first write after snap: seq 1M",
+    "first_rand": "first write after snap: 4K rand QD16",
+}
 SNAP_SYSTEMS = ["qcow2", "move", "copy"]
 DITTOFS = ["move", "copy"]
 PHASES = ["io", "chain", "create", "diff", "scale"]
@@ -217,6 +230,10 @@ class Bench:
         # what data checksums cost (a pool formatted with them), for their rows
         self.checksummed = Dittofs(work, "move", cfg.threads, checksum=True)
         self.systems[self.checksummed.key] = self.checksummed
+        # what the second metadata copy costs: the same rows on pools keeping one
+        self.one_copy = {cow: Dittofs(work, cow, cfg.threads, copies=1) for cow in ("move", "copy")}
+        for s in self.one_copy.values():
+            self.systems[s.key] = s
         self.rng = random.Random(20261125)
 
     def sample_load(self, where: str) -> None:
@@ -277,32 +294,42 @@ class Bench:
         res.row("csum_seq_read", "  checksum=on: seq read 1M", "MiB/s", "csum")
         res.row("csum_rand_write", "  checksum=on: 4K random write QD16", "MiB/s", "csum")
         res.row("csum_rand_read", "  checksum=on: 4K random read QD16", "MiB/s", "csum")
+        note = "pools formatted with one metadata copy (the default keeps two): shown in the "
+        note += "move and copy columns, to set against the rows above"
+        for key, label in ONE_COPY_ROWS.items():
+            res.row(f"{key}_1copy", f"  metadata-copies=1: {label}", "MiB/s", "copies", note)
+            note = ""
+        res.row(
+            "delete_1g_1copy", f"  metadata-copies=1: delete snapshot owning {sz}", "ms", "copies"
+        )
         for rep in range(c.repeats):
-            for key in SYSTEMS:
+            for key in SYSTEMS + [f"{cow}-1copy" for cow in self.one_copy]:
                 s = self.systems[key]
+                col = key.removesuffix("-1copy")
+                one = "_1copy" if key.endswith("-1copy") else ""
                 with self.phase("io", f"{s.label} repeat {rep + 1}/{c.repeats}"):
                     s.make(self.img(s, "io"), size)
                     s.start()
                     uri = s.uri()
-                    res.add("seq_fill", key, mibs(fio(uri, "write", "1M", 1, size)))
+                    res.add("seq_fill" + one, col, mibs(fio(uri, "write", "1M", 1, size)))
                     s.flush()
-                    res.add("seq_write", key, mibs(fio(uri, "write", "1M", 1, size)))
+                    res.add("seq_write" + one, col, mibs(fio(uri, "write", "1M", 1, size)))
                     s.flush()
-                    res.add("seq_read", key, mibs(fio(uri, "read", "1M", 1, size)))
+                    res.add("seq_read" + one, col, mibs(fio(uri, "read", "1M", 1, size)))
                     r = fio(uri, "randwrite", "4k", 16, size, runtime=c.runtime)
-                    res.add("rand_write", key, mibs(r))
+                    res.add("rand_write" + one, col, mibs(r))
                     s.flush()
                     r = fio(uri, "randread", "4k", 16, size, runtime=c.runtime)
-                    res.add("rand_read", key, mibs(r))
+                    res.add("rand_read" + one, col, mibs(r))
                     r = fio(uri, "randwrite", "4k", 1, size, runtime=c.runtime, fsync=1)
-                    res.add("fsync_write", key, mibs(r))
+                    res.add("fsync_write" + one, col, mibs(r))
                     if not s.snapshots:
                         continue
                     s.snap_create("first-seq")
-                    res.add("first_seq", key, mibs(fio(s.uri(), "write", "1M", 1, size)))
+                    res.add("first_seq" + one, col, mibs(fio(s.uri(), "write", "1M", 1, size)))
                     s.flush()
-                    res.add("delete_1g", key, s.snap_delete("first-seq") * 1000)
-                    res.add("first_rand", key, self.first_rand(s, size))
+                    res.add("delete_1g" + one, col, s.snap_delete("first-seq") * 1000)
+                    res.add("first_rand" + one, col, self.first_rand(s, size))
                     s.flush()
             s = self.immediate
             with self.phase("io", f"{s.label} repeat {rep + 1}/{c.repeats}"):
@@ -644,6 +671,24 @@ def targets(res: Results, cfg: Config) -> list[dict[str, object]]:
         add(text, v, ok, fmt(v))
 
     for cow in DITTOFS:
+        for key in ONE_COPY_ROWS:  # what the second metadata copy may cost
+            bound = (
+                0.75 if key == "fsync_write" or (key.startswith("first") and cow == "copy") else 0.9
+            )
+            v = res.across(key, f"{key}_1copy", cow)
+            add(
+                f"{key} cow={cow}, 2 metadata copies >= {bound:.2f} x 1 copy",
+                v,
+                None if v is None else v >= bound,
+                fmt(v),
+            )
+        v = res.across("delete_1g_1copy", "delete_1g", cow)  # ms: 1 copy over 2
+        add(
+            f"delete cow={cow}, 2 metadata copies <= 1.25 x 1 copy",
+            v,
+            None if v is None else v >= 0.8,
+            fmt(v),
+        )
         for key in ("seq_write", "seq_read"):
             ratio_target(f"{key} cow={cow} >= 0.90 x pass-through", key, cow, "pt", 0.9, True)
         for key in ("rand_write", "rand_read"):

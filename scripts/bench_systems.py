@@ -306,14 +306,23 @@ class Dittofs(System):
     kind, snapshots = "pool", True
 
     def __init__(
-        self, work: Path, cow: str, threads: str, merge: str = "deferred", checksum: bool = False
+        self,
+        work: Path,
+        cow: str,
+        threads: str,
+        merge: str = "deferred",
+        checksum: bool = False,
+        copies: int = 2,
     ) -> None:
         self.cow, self.threads, self.merge, self.checksum = cow, threads, merge, checksum
+        self.copies = copies
         self.key, self.label = cow, f"dittofs cow={cow}"
         if merge != "deferred":
             self.key, self.label = f"{cow}-{merge}", f"dittofs cow={cow} merge={merge}"
         if checksum:
             self.key, self.label = f"{self.key}-checksum", f"{self.label} checksum=on"
+        if copies != 2:
+            self.key, self.label = f"{self.key}-{copies}copy", f"{self.label} metadata-copies=1"
         super().__init__(work)
         self.control = work / f"{self.key}.ctl"
         self.ctl: SocketClient | None = None
@@ -334,6 +343,7 @@ class Dittofs(System):
             f"cow={self.cow}",
             f"merge={self.merge}",
             f"checksum={'on' if self.checksum else 'off'}",
+            f"metadata-copies={self.copies}",
             f"control={self.control}",
             f"threads={self.threads}",
         )

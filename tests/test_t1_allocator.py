@@ -259,7 +259,7 @@ def test_bitmap_of_a_pool_survives_reopen(tmp_path: Path) -> None:
 
 def test_metadata_blocks_freed_by_cow_are_not_reused_before_commit(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
-    eng = Engine.open(str(path), create_size=16 << 20, block_size=BS)
+    eng = Engine.open(str(path), create_size=16 << 20, block_size=BS, metadata_copies=1)
     ex = eng.open_export("live", False)
     eng.write(ex, memoryview(b"x" * BS), 0)
     eng.flush()

@@ -29,6 +29,9 @@ BS = 4096
 
 
 def make_engine(path: Path, size: int = 4 << 20, **kw: object) -> Engine:
+    """One metadata copy: these tests damage a block and expect the damage to be seen (two
+    copies heal it: tests/test_t2_metadata_copies.py)."""
+    kw.setdefault("metadata_copies", 1)
     return Engine.open(str(path), create_size=size, block_size=BS, **kw)  # type: ignore[arg-type]
 
 

@@ -4,6 +4,7 @@ naming it, never wrong data."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_a_damaged_block_is_an_error_and_scrub_names_it(servers, tmp_path: Path)
     srv.snapctl("create", "s1")
     h.pwrite(b"new" * 1000, 3 * 65536 + 17)  # a partial in-place-able write after s1
     h.flush()
-    assert srv.snapctl("scrub").returncode == 0
+    assert srv.snapctl("scrub", "--wait").returncode == 0
     del h
     srv.stop()
     bs = 65536
@@ -83,6 +84,8 @@ def test_a_damaged_block_is_an_error_and_scrub_names_it(servers, tmp_path: Path)
         assert c.pread(bs, 4 * bs) == data[4 * bs : 5 * bs]  # the others read fine
         assert c.pread(bs, 6 * bs) == data[6 * bs : 7 * bs]
     assert "failed its checksum" in srv.log()
-    cp = srv.snapctl("scrub", "--json", check=False)
+    cp = srv.snapctl("scrub", "--wait", "--json", check=False)
     assert cp.returncode == 4, cp.stderr
-    assert f"data block {victim}" in cp.stdout
+    report = json.loads(cp.stdout)
+    assert report["state"] == "finished" and report["errors"] == 1, report  # shared: one entry
+    assert any(f"data block {victim}" in what for what in report["found"]), report

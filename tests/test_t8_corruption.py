@@ -71,7 +71,9 @@ class Built:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
     work = tmp_path_factory.mktemp("corrupt-base")
-    srv = NbdkitServer(work, work / "pool.img", size=str(SIZE), params={"block-size": "4K"})
+    srv = NbdkitServer(  # one metadata copy: the damage must show (two: test_t8_copies_nbdkit)
+        work, work / "pool.img", size=str(SIZE), params={"block-size": "4K", "metadata-copies": "1"}
+    )
     try:
         srv.start()
         rng = random.Random(2024)

@@ -28,7 +28,7 @@ from pathlib import Path
 import nbd
 import pytest
 from harness import NbdkitServer
-from support.logcheck import SNAPSHOT_GONE
+from support.logcheck import NO_SUCH_SNAPSHOT, SNAPSHOT_GONE
 from t8_helpers import assert_check_clean, close_quietly, nbd_errno
 
 from fsimpl.client import SocketClient
@@ -246,7 +246,7 @@ class Soak:
                 last_check = time.monotonic()
 
 
-@pytest.mark.engine_log(SNAPSHOT_GONE)
+@pytest.mark.engine_log(SNAPSHOT_GONE, NO_SUCH_SNAPSHOT)  # opened just after its delete
 def test_soak(tmp_path: Path) -> None:
     srv = NbdkitServer(
         tmp_path, tmp_path / "pool.img", size=str(SIZE), params={"threads": "parallel"}

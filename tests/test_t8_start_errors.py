@@ -33,7 +33,9 @@ class Case:
 
 def _pool(tmp: Path) -> Path:
     """A pool with data and a snapshot, made and closed by a real server."""
-    srv = NbdkitServer(tmp, tmp / "pool.img", size=str(SIZE), name="maker").start()
+    srv = NbdkitServer(  # one metadata copy: a damaged block must refuse the start
+        tmp, tmp / "pool.img", size=str(SIZE), name="maker", params={"metadata-copies": "1"}
+    ).start()
     h = srv.connect("live")
     h.pwrite(os.urandom(1 << 20), 0)
     h.flush()

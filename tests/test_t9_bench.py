@@ -13,6 +13,9 @@ from pathlib import Path
 
 from harness import REPO, require
 
+sys.path.insert(0, str(REPO / "scripts"))
+from bench import ONE_COPY_ROWS  # noqa: E402
+
 # Which systems each workload applies to: every system for plain I/O, open time and RSS;
 # the snapshot-capable ones for snapshot workloads; dittofs alone for its control-socket calls.
 ALL = {"file", "pt", "qcow2", "move", "copy"}
@@ -32,6 +35,8 @@ EXPECTED = {
     "csum_seq_read": {"move"},
     "csum_rand_write": {"move"},
     "csum_rand_read": {"move"},
+    **{f"{key}_1copy": DITTOFS for key in ONE_COPY_ROWS},
+    "delete_1g_1copy": DITTOFS,
     "delete_1g": SNAP,
     "chain_live_seq": SNAP,
     "chain_old_seq": SNAP,
@@ -72,7 +77,12 @@ def test_quick_bench_covers_every_workload_and_system(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["errors"] == []
     # the servers of the merge=immediate and checksum=on rows (their figures in the move column)
-    assert set(data["systems"]) == ALL | {"move-immediate", "move-checksum"}
+    assert set(data["systems"]) == ALL | {
+        "move-immediate",
+        "move-checksum",
+        "move-1copy",
+        "copy-1copy",
+    }
     rows = {w["key"]: w for w in data["workloads"]}
 
     expected = dict(EXPECTED)

@@ -126,6 +126,8 @@ class Renderer:
                     f"{e['failed_commits']} failed commit(s), {e.get('healed', 0)} healed",
                 )
             )
+        if d.get("read_only_reason"):
+            lines.append(("read-only", d["read_only_reason"]))
         if d.get("mode") == "server":
             lines.append(("server", f"pid {d['server_pid']}"))
             lines.append(("control socket", d.get("control_socket", "?")))

@@ -21,7 +21,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from .errors import NoSpace
+from .errors import CorruptMetadata, NoSpace
 from .layout import (
     BT_BITMAP,
     DEFER_GENERATIONS,
@@ -68,6 +68,7 @@ class Allocator:
         self.cursor = 0
         self.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
         self.grown = False
+        self.damaged = False  # the on-disk bitmap could not be read (refuse_all)
         self.commit_need: Callable[[], int] = lambda: 0  # set by the transaction layer
         store.allocate_address = self.allocate
         store.free_address = self.free
@@ -94,6 +95,42 @@ class Allocator:
         self.busy[:] = self.state
         self._mark_tail()
         self.free_count = self.capacity - self._count_set(self.state, self.capacity)
+
+    def refuse_all(self) -> None:
+        """The bitmap on disk cannot be read: nothing is allocatable (a degraded pool is read
+        only, and must never allocate against damaged metadata)."""
+        self.busy[:] = b"\xff" * len(self.busy)
+        self.state[:] = self.busy
+        self.free_count = 0
+        self.damaged = True
+
+    def rebuild(self, owned: bytearray) -> int:
+        """check --repair of a damaged bitmap: the state becomes exactly what the trees own
+        (the checker's walk), written as a new tree at the next commit. The old tree's nodes
+        were owned by the walk, so they stay busy until that commit (a crash before it leaves
+        the old state as it was) and are freed by it. Returns the blocks now in use."""
+        old: list[int] = []
+        try:
+            for ptr, _ in self.tree.all_node_pointers():
+                old += [a for a in (ptr.addr0, ptr.addr1) if a]
+        except CorruptMetadata:
+            pass  # what hangs under a damaged interior node was not owned by the walk either
+        self.state[:] = owned
+        for b in range(first_data_block(self.block_size)):
+            self.state[b >> 3] |= 1 << (b & 7)
+        self.busy[:] = self.state
+        self._mark_tail()
+        self.free_count = self.capacity - self._count_set(self.state, self.capacity)
+        self.tree = RadixTree(self.store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
+        self.dirty_leaves.update(range(self._leaf_count()))
+        self.pending.clear()
+        self.deferred.clear()
+        self.deferred_blocks = 0
+        self.damaged = False
+        for b in old:
+            if self.is_allocated(b):
+                self.free(b)
+        return self.used_blocks
 
     def _leaf_count(self) -> int:
         return (self.capacity + self.bits_per_leaf - 1) // self.bits_per_leaf

@@ -219,11 +219,23 @@ class _Walker:
         self.owned_free: list[int] = []  # owned, but free in the free map
 
     def run(self) -> None:
+        damage = self.pool.damage
+        for what, e in damage.items():  # a degraded open: what it could not read
+            self.corrupt.add(e.address)
+            hint = (
+                "; 'snapctl check --repair' rebuilds it from the trees"
+                if what == "free-space bitmap"
+                else "; the pool is served read-only, with the snapshots it can read exactly"
+            )
+            self.report.add("corrupt", True, _corrupt_where(e), _strip_hint(str(e)) + hint)
+        # what the trees own is still known with only the bitmap damaged (a repair rebuilds
+        # the bitmap from it); a damaged table hides owners
+        self.complete = not (damage.keys() - {"free-space bitmap"})
         self._guard("metadata trees", self._own_metadata)
         self._check_tables()
         for vol in self.pool.volumes.values():
             self._check_volume(vol)
-        if self.complete:
+        if self.complete and not damage:
             self._check_ownership()
         else:
             self.report.stats["ownership_checked"] = 0
@@ -235,7 +247,9 @@ class _Walker:
             fn()
             return True
         except CorruptMetadata as e:
-            self.complete = False
+            # the bitmap's own nodes own nothing but themselves: under a damaged one, the
+            # rest of the walk still knows every owner
+            self.complete &= what == "free-space bitmap"
             if e.address not in self.corrupt:
                 self.corrupt.add(e.address)
                 self.report.add(
@@ -605,6 +619,13 @@ def repair(device: Device) -> RepairReport:
     walker = _Walker(pool, CheckReport())
     walker.run()
     fixed: list[str] = []
+    if walker.complete and "free-space bitmap" in pool.damage:
+        used = pool.allocator.rebuild(walker.owned)
+        del pool.damage["free-space bitmap"]
+        pool.sb_dirty = True
+        fixed.append(f"rebuilt the free-space bitmap from the trees ({used} blocks in use)")
+    if pool.damage:
+        return RepairReport(before, [], before)  # a damaged table: nothing is safe to change
     if walker.complete:
         alloc = pool.allocator
         sb_used = pool.sb.used_blocks

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .device import Device
-from .errors import DittoError, InvalidArgument, NotFound, Refused
+from .errors import CorruptMetadata, DamagedPool, DittoError, InvalidArgument, NotFound, Refused
 from .layout import (
     DEFER_GENERATIONS,
     OP_DELETE,
@@ -87,8 +87,12 @@ class EngineCore:
     # --- the pool's lifetime ------------------------------------------------------------------
 
     def claim(self, pid: int) -> None:
-        """Record this process in the pool's in-use record (and commit it)."""
+        """Record this process in the pool's in-use record (and commit it). A degraded pool
+        is not written at all: the device lock alone keeps a second server out."""
         with self.lock:
+            if self.pool.read_only_reason:
+                log.warning("%s: %s", self.device.path, self.pool.read_only_reason)
+                return
             self.pool.set_inuse(pid)
             self.commit()
             self.claimed_pid = pid
@@ -100,7 +104,8 @@ class EngineCore:
             try:
                 if self.claimed_pid:
                     self.pool.set_inuse(0)
-                self.commit()
+                if not self.pool.damage:
+                    self.commit()
             finally:
                 self.device.close()
 
@@ -122,6 +127,10 @@ class EngineCore:
         if self.device.read_only_device and self.pool.is_dirty:
             self.reload()  # what cannot be written is dropped; nothing was acknowledged
             raise read_only_disk(self.device.path)
+        if self.pool.damage and self.pool.is_dirty:
+            reason = self.pool.read_only_reason or ""
+            self.reload()  # the same: a degraded pool takes no change
+            raise DamagedPool(reason)
         try:
             done = self.pool.commit()
         except BaseException as e:
@@ -226,7 +235,10 @@ class EngineCore:
         for vol in self.pool.volumes.values():
             if vol.name == name and vol.inode.op != OP_DELETE:
                 return vol
-        raise NotFound(f"no volume named '{name}' in this pool; 'snapctl volume list' shows them")
+        raise NotFound(
+            f"no volume named '{name}' in this pool; 'snapctl volume list' shows them"
+            + self._lost_note("inode table", "volume")
+        )
 
     def snapshot(self, name: str) -> SnapshotRecord:
         self.usable()
@@ -234,7 +246,19 @@ class EngineCore:
         for rec in self.pool.snapshots.values():
             if rec.name == name and rec.state == SNAP_ACTIVE:
                 return rec
-        raise NotFound(f"no snapshot named '{name}'; 'snapctl list' shows the snapshots")
+        raise NotFound(
+            f"no snapshot named '{name}'; 'snapctl list' shows the snapshots"
+            + self._lost_note("snapshot table", "snapshot")
+        )
+
+    def _lost_note(self, table: str, what: str) -> str:
+        """A name not found in a degraded pool may be one its damaged table lost."""
+        if table not in self.pool.damage:
+            return ""
+        return (
+            f" (the {table} is damaged, so a {what} in its lost part cannot be named: "
+            f"{self.pool.read_only_reason})"
+        )
 
     def snapshot_by_guid(self, guid: bytes) -> SnapshotRecord:
         for rec in self.pool.snapshots.values():
@@ -255,6 +279,19 @@ class EngineCore:
             if rec.state == SNAP_ACTIVE:
                 return rec
         return None
+
+    def require_readable(self, vol: Volume, rec: SnapshotRecord | None = None) -> None:
+        """Refuse a volume or snapshot that a degraded open found it cannot read exactly (its
+        chain passes through a damaged table): a clean error, never wrong data."""
+        pool = self.pool
+        why = pool.unreadable_volumes.get(vol.ino)
+        if why is None and rec is not None and rec.id <= pool.unreadable_below:
+            why = "a snapshot map it reads through is in a damaged table"
+        if why is not None:
+            what = f"{vol.name}@{rec.name}" if rec is not None else vol.name
+            raise CorruptMetadata(
+                f"{what} cannot be read exactly: {why}. {pool.read_only_reason}", -1, "table"
+            )
 
     def require_covers(self, vol: Volume, rec: SnapshotRecord) -> None:
         """Refuse a snapshot that does not cover the volume."""

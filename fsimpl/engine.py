@@ -211,6 +211,8 @@ class Engine:
     # --- background work (background.py) ------------------------------------------------------
 
     def tick(self) -> bool:
+        if self.core.pool.damage:
+            return False  # a degraded pool changes nothing (txn.Pool._damaged)
         more = self.background.tick()
         with self.core.lock:
             return self.scrubber.step() or more

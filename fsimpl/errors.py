@@ -84,6 +84,15 @@ class ReadOnlyDisk(DittoError):
     errno = _errno.EROFS
 
 
+class DamagedPool(DittoError):
+    """Metadata that writing depends on (the free-space bitmap, the inode or snapshot table) is
+    damaged beyond its copies: the pool is served read-only, what can be read exactly."""
+
+    code = "damaged"
+    exit_code = EXIT_REFUSED
+    errno = _errno.EROFS
+
+
 class PoolBusy(DittoError):
     """Another process holds the pool open."""
 
@@ -213,6 +222,7 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         CorruptMetadata,
         CorruptData,
         ReadOnlyDisk,
+        DamagedPool,
         PoolBusy,
         NoSpace,
         ReadOnlyExport,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import writable
 from .core import EngineCore
-from .errors import ExportGone, NoSpace, NotFound, OutOfRange, ReadOnlyExport
+from .errors import DamagedPool, ExportGone, NoSpace, NotFound, OutOfRange, ReadOnlyExport
 from .layout import (
     KIND_ADDR,
     OP_DELETE,
@@ -81,8 +81,9 @@ class ExportRequests:
         with core.lock:
             parsed = parse_export(name)
             vol = core.volume(parsed.volume)
-            readonly = readonly or core.is_standby()
+            readonly = readonly or core.is_standby() or bool(core.pool.damage)
             if parsed.snapshot is None:
+                core.require_readable(vol)
                 if client:
                     core.connections[vol.ino] = core.connections.get(vol.ino, 0) + 1
                 return Export(
@@ -105,7 +106,9 @@ class ExportRequests:
                     )
             else:
                 rec = core.snapshot(parsed.snapshot)
+                core.require_readable(vol, rec)  # (a lost shadow map must not say "covers")
                 core.require_covers(vol, rec)
+            core.require_readable(vol, rec)
             shadow = vol.shadows[rec.id]
             return Export(
                 name,
@@ -185,6 +188,8 @@ class ExportRequests:
                     else "; 'snapctl standby promote' makes it writable"
                 )
             )
+        if core.pool.read_only_reason:
+            raise DamagedPool(f"export {ex.name}: {core.pool.read_only_reason}")
         if ex.readonly or (ex.snap_id is not None and ex.snap_id not in vol.writable):
             raise ReadOnlyExport(
                 f"export {ex.name} is read-only"

@@ -208,7 +208,8 @@ def _hello(c: Call) -> Any:
     "(`{name, size_bytes, allocated_bytes, snapshots, connections}`), `snapshot_count`, "
     "`newest_snapshot`, `pending_deletes`, `role`, `peer`, `last_common`, `superseded`, `cow`, "
     "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits, "
-    "healed}` since the pool was opened), `metadata_copies`, `time`",
+    "healed}` since the pool was opened), `metadata_copies`, `read_only_reason` (null, or why a "
+    "degraded pool is served read-only), `time`",
 )
 def _info(c: Call) -> Any:
     return c.engine.info()

@@ -65,6 +65,7 @@ class PoolOps(OperationModule):
                     "healed": pool.store.healed,
                 },
                 "metadata_copies": pool.store.copies,
+                "read_only_reason": pool.read_only_reason,
                 "time": time.time(),
             }
 
@@ -92,10 +93,12 @@ class PoolOps(OperationModule):
     def check_committed(self) -> dict[str, object]:
         """Commit, then verify the committed state on disk (checker.py), under the lock."""
         with self.lock:
-            self.core.commit()
+            degraded = bool(self.pool.damage)  # read-only: it cannot commit, nor heal
+            if not degraded:
+                self.core.commit()
             result = check(self.core.device)
             slots = sum(1 for d in result.defects if d.kind == "superblock")
-            if slots:  # two commits rewrite every slot: heal them, then look again
+            if slots and not degraded:  # two commits rewrite every slot: heal, look again
                 for _ in range(2):
                     self.pool.sb_dirty = True
                     self.core.commit()

@@ -283,6 +283,10 @@ class RadixTree:
             return None
         return self.store.load(self.root, self._type_at(self.height), self.height)
 
+    def load_root(self) -> None:
+        """Read (and verify) the root now: raises CorruptMetadata if it is unusable."""
+        self._root()
+
     def leaf(self, leaf_no: int) -> Node | None:
         """The leaf holding records [leaf_no * capacity, ...), or None if it is absent."""
         node = self._recent.get(leaf_no)
@@ -321,18 +325,35 @@ class RadixTree:
             span //= fan
         return node
 
-    def iter_leaves(self, start: int = 0) -> Iterator[tuple[int, Node]]:
-        """Present leaves with leaf number >= start, in order. Don't mutate the tree meanwhile."""
-        root = self._root()
+    def iter_leaves(
+        self, start: int = 0, skip: Callable[[CorruptMetadata], None] | None = None
+    ) -> Iterator[tuple[int, Node]]:
+        """Present leaves with leaf number >= start, in order. Don't mutate the tree meanwhile.
+        With skip, an unreadable node is handed to it and its subtree left out (a degraded
+        open takes what can be read); without, it raises."""
+        try:
+            root = self._root()
+        except CorruptMetadata as e:
+            if skip is None:
+                raise
+            skip(e)
+            return
         if root is None:
             return
         if self.height == 0:
             if start == 0:
                 yield 0, root
             return
-        yield from self._iter(root, self.height, 0, start)
+        yield from self._iter(root, self.height, 0, start, skip)
 
-    def _iter(self, node: Node, level: int, base: int, start: int) -> Iterator[tuple[int, Node]]:
+    def _iter(
+        self,
+        node: Node,
+        level: int,
+        base: int,
+        start: int,
+        skip: Callable[[CorruptMetadata], None] | None,
+    ) -> Iterator[tuple[int, Node]]:
         span = self.fanout ** (level - 1)
         first = max(0, (start - base) // span)
         for slot in self._present_slots(node, first):
@@ -342,11 +363,17 @@ class RadixTree:
             child = node.children.get(slot) if node.dirty else None
             if child is None:
                 ptr = self.store.get_pointer(node.buf, slot)
-                child = self.store.load(ptr, self._type_at(level - 1), level - 1)
+                try:
+                    child = self.store.load(ptr, self._type_at(level - 1), level - 1)
+                except CorruptMetadata as e:
+                    if skip is None:
+                        raise
+                    skip(e)
+                    continue
             if level == 1:
                 yield child_base, child
             else:
-                yield from self._iter(child, level - 1, child_base, start)
+                yield from self._iter(child, level - 1, child_base, start, skip)
 
     def _present_slots(self, node: Node, first: int) -> list[int]:
         slots = nonzero_records(node.buf, self.store.pointer_size, first)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 
 from .core import OperationModule
-from .errors import DittoError, Refused
+from .errors import DamagedPool, DittoError, Refused
 from .layout import BT_INTERIOR, KIND_ADDR
 from .volume import read_checked
 
@@ -33,6 +33,8 @@ class Scrub(OperationModule):
         """Start a scrub, or resume a stopped one (rate: bytes per second, 0 unlimited)."""
         with self.lock:
             sb = self.pool.sb
+            if self.pool.read_only_reason:  # it heals by committing
+                raise DamagedPool(self.pool.read_only_reason)
             if sb.scrub_state == RUNNING:
                 raise Refused(
                     "a scrub is already running: 'snapctl scrub --status' shows it, "

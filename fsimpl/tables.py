@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
+from .errors import CorruptMetadata
 from .layout import (
     BT_INODE_LEAF,
     BT_SNAP_LEAF,
@@ -64,8 +65,12 @@ class RecordTable(Generic[R]):
     def delete(self, key: int) -> None:
         self.put(key, None)
 
-    def items(self) -> Iterator[tuple[int, R]]:
-        for leaf_no, node in self.tree.iter_leaves():
+    def items(
+        self, skip: Callable[[CorruptMetadata], None] | None = None
+    ) -> Iterator[tuple[int, R]]:
+        """Every record in key order; with skip, the records of unreadable leaves are left out
+        (see RadixTree.iter_leaves)."""
+        for leaf_no, node in self.tree.iter_leaves(skip=skip):
             base = leaf_no * self.capacity
             for i in range(self.capacity):
                 rec = self._read(node.buf, i)

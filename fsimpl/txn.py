@@ -27,7 +27,14 @@ from dataclasses import replace
 from .allocator import Allocator
 from .blockmap import BlockMap
 from .device import Device
-from .errors import CorruptMetadata, NotAPool, PoolBusy, PoolTruncated, UnsupportedFormat
+from .errors import (
+    CorruptMetadata,
+    DamagedPool,
+    NotAPool,
+    PoolBusy,
+    PoolTruncated,
+    UnsupportedFormat,
+)
 from .layout import (
     BT_BITMAP,
     DEFAULT_METADATA_COPIES,
@@ -205,6 +212,12 @@ class Pool:
         # after a rewind: the generation rewound to, first in the next commit's ring (in place
         # of the superblock's own, which names a generation whose state was discarded)
         self.ring_head: RootEntry | None = None
+        # a degraded open (_damaged): what could not be read, by table; the snapshots at or
+        # below unreadable_below and the volumes in unreadable_volumes are refused, the rest
+        # served read-only
+        self.damage: dict[str, CorruptMetadata] = {}
+        self.unreadable_below = 0
+        self.unreadable_volumes: dict[int, str] = {}
 
     # --- open and format ----------------------------------------------------------------------
 
@@ -328,18 +341,33 @@ class Pool:
 
     def _load(self) -> None:
         sb = self.sb
-        self.allocator.load(root_pointer(sb, "bitmap"), sb.bitmap_height)
-        self._load_deferred()
+        try:
+            self.allocator.load(root_pointer(sb, "bitmap"), sb.bitmap_height)
+        except CorruptMetadata as e:
+            self._damaged("free-space bitmap", e)
+            self.allocator.refuse_all()
+        else:
+            self._load_deferred()
+        # An unreadable table root loses the whole table: that refuses the open (naming the
+        # newest usable generation: opening._open_newest). Below the root, a damaged node
+        # loses its records only, and the pool opens degraded.
+        self.inodes.tree.load_root()
+        self.snaptab.tree.load_root()
         shadows: list[InodeRecord] = []
-        for _, rec in self.inodes.items():
+        for _, rec in self.inodes.items(skip=lambda e: self._damaged("inode table", e)):
             if rec.kind == INODE_VOLUME:
                 self.volumes[rec.ino] = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
             elif rec.kind == INODE_SHADOW:
                 shadows.append(rec)
-        for _, snap in self.snaptab.items():
+        for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
+        tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
+        if tables_damaged:
+            self._bound_damage(shadows, tables_damaged)
         for rec in shadows:
             vol = self.volumes.get(rec.volume_ino)
+            if tables_damaged and (vol is None or rec.snap_id not in self.snapshots):
+                continue  # its chain is cut: _bound_damage refused what read through it
             if vol is None or rec.snap_id not in self.snapshots:
                 raise CorruptMetadata(
                     f"shadow inode {rec.ino} belongs to a missing volume or snapshot; "
@@ -357,6 +385,11 @@ class Pool:
                     origin is None or vol.inode.origin_snap not in origin.shadows
                 ):
                     continue  # going anyway: it will never be read again
+                if tables_damaged and (
+                    origin is None or vol.inode.origin_snap <= self.unreadable_below
+                ):
+                    self.unreadable_volumes[vol.ino] = "its origin's metadata is damaged"
+                    continue
                 if origin is None or vol.inode.origin_snap not in origin.shadows:
                     raise CorruptMetadata(
                         f"clone {vol.name} has a missing origin; run 'snapctl check'",
@@ -364,6 +397,53 @@ class Pool:
                         "inode-table leaf",
                     )
                 vol.origin = origin
+        changed = tables_damaged and bool(self.unreadable_volumes)
+        while changed:  # a clone of an unreadable clone reads through it
+            changed = False
+            for vol in self.volumes.values():
+                origin = vol.origin
+                if (
+                    origin is not None
+                    and origin.ino in self.unreadable_volumes
+                    and vol.ino not in self.unreadable_volumes
+                ):
+                    self.unreadable_volumes[vol.ino] = "its origin's metadata is damaged"
+                    changed = True
+
+    def _damaged(self, what: str, e: CorruptMetadata) -> None:
+        """Metadata that writing depends on is unreadable (every copy): the pool opens
+        degraded, read-only, with what can still be read exactly."""
+        self.damage.setdefault(what, e)
+
+    def _bound_damage(self, shadows: list[InodeRecord], damaged: set[str]) -> None:
+        """Which snapshots a damaged table makes unreadable. A snapshot reads through every
+        newer one's shadow map (ditto), so a shadow map that is lost, or whose record is,
+        makes that snapshot and every older one unreadable: reading past the gap would
+        return the wrong data. With both tables damaged a snapshot can vanish whole, unseen,
+        so none is read."""
+        if damaged == {"inode table", "snapshot table"}:
+            self.unreadable_below = 1 << 64
+            return
+        found: dict[int, int] = {}
+        for rec in shadows:
+            if rec.volume_ino in self.volumes:
+                found[rec.snap_id] = found.get(rec.snap_id, 0) + 1
+        cut = [sid for sid, rec in self.snapshots.items() if found.get(sid, 0) < rec.covered]
+        cut += [sid for sid in found if sid not in self.snapshots]
+        self.unreadable_below = max(cut, default=0)
+
+    @property
+    def read_only_reason(self) -> str | None:
+        """Why this pool may not be written (degraded open), or None."""
+        if not self.damage:
+            return None
+        what = "; ".join(f"the {k}: {str(e).split('; run ')[0]}" for k, e in self.damage.items())
+        return (
+            f"the pool is read-only: metadata it needs for writing is damaged beyond its "
+            f"copies ({what}). Everything that can be read exactly is served; stop the server "
+            "and run 'snapctl check --repair' (it rebuilds a free-space bitmap from the trees), "
+            "or 'snapctl rewind --list'"
+        )
 
     # --- changes ------------------------------------------------------------------------------
 
@@ -542,6 +622,8 @@ class Pool:
         """Make the open transaction durable. Returns False if there was nothing to commit."""
         if not self.is_dirty:
             return False
+        if self.damage:  # callers refuse first; this is the guarantee
+            raise DamagedPool(self.read_only_reason or "")
         for m in self.dirty_maps:
             m.commit()
             if m.inode.ino not in self.dirty_inodes or self.dirty_inodes[m.inode.ino]:

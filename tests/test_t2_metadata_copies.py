@@ -16,7 +16,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from support.data import pattern
+from support.damage import BS, DAMAGES, build, damage, exports, put, raw
 from support.logcheck import BAD_METADATA, HEALED_COPY
 from t8_helpers import MetaBlock, metadata_blocks
 
@@ -26,81 +26,6 @@ from fsimpl.device import Device
 from fsimpl.engine import Engine
 from fsimpl.errors import CorruptMetadata
 
-BS = 4096
-SIZE = 8 << 20
-
-
-def build(path: Path) -> dict[str, str]:
-    """The pool; returns the sha256 of every export."""
-    eng = Engine.open(str(path), create_size=SIZE, block_size=BS, claim=False, metadata_copies=2)
-
-    def write(export: str, tag: int, first: int, blocks: int) -> None:
-        ex = eng.open_export(export, False)
-        eng.write(ex, memoryview(pattern(tag, blocks * BS)), first * BS)
-
-    for i in range(0, 2000, 61):  # spread: several map leaves and an interior level
-        write("live", i + 1, i, 3)
-    eng.create_snapshot("s1")
-    for i in range(20, 2000, 250):  # the snapshot's shadow map spans leaves too
-        write("live", 90 + i, i, 4)
-    eng.create_volume("vol2", SIZE)
-    for i in range(0, 2000, 300):
-        write("vol2", 91 + i, i, 5)
-    eng.create_snapshot("s2")
-    eng.clone("live@s1", "cl")
-    write("cl", 92, 5, 5)
-    eng.create_snapshot("ws", ["vol2"], writable=True)
-    write("vol2@ws", 93, 3, 4)
-    eng.flush()
-    sums = exports(eng)
-    eng.device.close()  # a crash after the flush: no clean close
-    return sums
-
-
-def exports(eng: Engine) -> dict[str, str]:
-    out = {}
-    for name, _ in eng.export_names():
-        if name.endswith("@latest"):
-            continue
-        ex = eng.open_export(name, True)
-        buf = bytearray(ex.size)
-        eng.read(ex, memoryview(buf), 0)
-        out[name] = hashlib.sha256(buf).hexdigest()
-    return out
-
-
-def raw(path: Path, block: int) -> bytearray:
-    with open(path, "rb") as f:
-        f.seek(block * BS)
-        return bytearray(f.read(BS))
-
-
-def put(path: Path, block: int, data: bytes) -> None:
-    with open(path, "r+b") as f:
-        f.seek(block * BS)
-        f.write(data)
-
-
-def damage(path: Path, m: MetaBlock, how: str, others: list[MetaBlock]) -> None:
-    buf = raw(path, m.addr)
-    hdr = L.open_block(buf, m.addr, m.btype)
-    if how == "flipped":
-        for i in range(200, 232):
-            buf[i] ^= 0xFF
-    elif how == "zeroed":
-        buf = bytearray(BS)
-    elif how == "older-version":  # valid on its own: same address, an earlier generation
-        buf[-1] ^= 0x5A
-        L.seal_block(
-            buf, m.btype, m.addr, hdr.generation - 1, hdr.owner, hdr.level, hdr.records,
-            hdr.key_base, hdr.address1,
-        )  # fmt: skip
-    else:  # misdirected: another block of the same type landed here
-        same = [o for o in others if o.btype == m.btype and o.addr != m.addr]
-        other = (same or [o for o in others if o.addr != m.addr])[0]
-        buf = raw(path, other.addr)
-    put(path, m.addr, bytes(buf))
-
 
 def first_copies(path: Path) -> list[MetaBlock]:
     blocks, _ = metadata_blocks(path)
@@ -109,7 +34,7 @@ def first_copies(path: Path) -> list[MetaBlock]:
 
 def test_every_node_has_two_copies_far_apart(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
-    build(path)
+    build(path, copies=2)
     eng = Engine.open(str(path), claim=False)
     try:
         assert eng.info()["metadata_copies"] == 2
@@ -133,10 +58,10 @@ def test_every_node_has_two_copies_far_apart(tmp_path: Path) -> None:
 
 
 @pytest.mark.engine_log(HEALED_COPY, BAD_METADATA)
-@pytest.mark.parametrize("how", ["flipped", "zeroed", "older-version", "misdirected"])
+@pytest.mark.parametrize("how", DAMAGES)
 def test_every_block_damaged_in_its_first_copy_is_healed(tmp_path: Path, how: str) -> None:
     pristine = tmp_path / "pristine.img"
-    want = build(pristine)
+    want = build(pristine, copies=2)
     blocks = first_copies(pristine)
     assert len(blocks) >= 20, len(blocks)
     healed = 0
@@ -178,7 +103,7 @@ def test_scrub_heals_every_bad_copy_and_repair_does_too(tmp_path: Path, copy: in
     """Scrub (in the server: the engine here) heals either copy of any block, read or not;
     check --repair heals it with no server."""
     pristine = tmp_path / "pristine.img"
-    want = build(pristine)
+    want = build(pristine, copies=2)
     blocks = first_copies(pristine)
     for i, m in enumerate(blocks):
         target = (
@@ -215,7 +140,7 @@ def test_scrub_heals_every_bad_copy_and_repair_does_too(tmp_path: Path, copy: in
 @pytest.mark.engine_log(BAD_METADATA, "both copies")
 def test_both_copies_damaged_is_a_clean_error_and_the_rest_is_served(tmp_path: Path) -> None:
     pristine = tmp_path / "pristine.img"
-    want = build(pristine)
+    want = build(pristine, copies=2)
     leaf = next(
         m for m in first_copies(pristine) if m.tree == "vol2 map" and m.btype == L.BT_MAP_LEAF
     )

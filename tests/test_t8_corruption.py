@@ -4,15 +4,19 @@ The pool (4 KiB blocks, 2 MiB live, 16 snapshots) is built once through nbdkit s
 tree has an interior level: the live map (4 leaves), the inode table (17 inodes, 15 per leaf)
 and the snapshot table (16 records, 7 per leaf). Each case corrupts one block of a copy:
 
-* a block needed at open (superblock tables, bitmap): the server refuses to start, naming the
-  block's address and type and pointing at 'snapctl check';
+* a table's root (an interior node here): the server refuses to start, naming the block's
+  address and type and pointing at 'snapctl check';
+* a table leaf or the bitmap (metadata writing depends on, with its only copy): the server
+  starts read-only, saying so; every export it serves reads exactly, the snapshots a lost table
+  leaf cuts from the chain are refused; writes and changes are refused; 'check --repair'
+  rebuilds a damaged bitmap from the trees;
 * a block read lazily (block maps): the server serves; every read that needs the block fails
   with EIO and is logged with the address and type, every other read returns exactly the data
   the model holds — never wrong data;
 * the newest superblock slot: the older slot serves, every export reads exactly its data;
 * 'snapctl check' (through the running server, and on the disk) reports the block with its
-  address and type and exits 4; 'check --repair' fixes only a superblock slot, and otherwise
-  leaves the disk byte-identical and exits 4.
+  address and type and exits 4; 'check --repair' fixes a superblock slot or the bitmap, and
+  otherwise leaves the disk byte-identical and exits 4.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ import nbd
 import pytest
 from harness import NbdkitServer, run_snapctl
 from support.data import sha256_file as sha256
-from support.logcheck import BAD_METADATA, SLOT_UNUSABLE
+from support.logcheck import (
+    BAD_METADATA,
+    CANNOT_READ_EXACTLY,
+    READ_ONLY_POOL,
+    READ_ONLY_REQUEST,
+    SLOT_UNUSABLE,
+)
 from t8_helpers import (
     MetaBlock,
     close_quietly,
@@ -122,6 +132,9 @@ class Case:
     # export -> blocks whose reads must fail (None: any subset of the given range may fail)
     failing: Callable[[MetaBlock], dict[str, set[int] | None]]
     misdirect: bool = False  # instead of flipping bytes, copy another block of its type over it
+    # metadata writing depends on (a table leaf, the bitmap): the server serves read-only
+    # what it can read exactly, and refuses the rest
+    degraded: bool = False
 
 
 def _leaf_range(m: MetaBlock) -> set[int]:
@@ -174,16 +187,18 @@ CASES = [
     Case(
         "inode-table-leaf",
         lambda b: pick(b, BT_INODE_LEAF, "inode table", nth=1),
-        True,
+        False,
         NONE,
+        degraded=True,
     ),
     Case(
         "snapshot-table-leaf",
         lambda b: pick(b, BT_SNAP_LEAF, "snapshot table", nth=2),
-        True,
+        False,
         NONE,
+        degraded=True,
     ),
-    Case("bitmap", lambda b: pick(b, BT_BITMAP, "bitmap"), True, NONE),
+    Case("bitmap", lambda b: pick(b, BT_BITMAP, "bitmap"), False, NONE, degraded=True),
 ]
 
 
@@ -239,7 +254,9 @@ def snapctl_check(srv: NbdkitServer, *args: str) -> subprocess.CompletedProcess[
     return run_snapctl(srv.disk, "check", *args, env=srv.env)
 
 
-@pytest.mark.engine_log(BAD_METADATA, SLOT_UNUSABLE)
+@pytest.mark.engine_log(
+    BAD_METADATA, SLOT_UNUSABLE, READ_ONLY_POOL, CANNOT_READ_EXACTLY, READ_ONLY_REQUEST
+)
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Case) -> None:
     image = tmp_path / "pool.img"
@@ -260,7 +277,9 @@ def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Cas
     assert any(words in d["message"] or words in d["where"] for d in report["defects"]), report
     assert sha256(image) == before, "check changed the disk"
 
-    if case.at_open:
+    if case.degraded:
+        serve_degraded(srv, built, m, case, words)
+    elif case.at_open:
         with pytest.raises(RuntimeError, match="nbdkit exited with"):
             srv.start()
         log = srv.log()
@@ -315,7 +334,24 @@ def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Cas
 
     before = sha256(image)
     cp = snapctl_check(srv, "--repair")
-    if m.btype == BT_SUPER:
+    if m.btype == BT_BITMAP:
+        # rebuilt from the trees: the pool is whole and writable again
+        assert cp.returncode == 1, f"repair exit {cp.returncode}\n{cp.stdout}{cp.stderr}"
+        assert "rebuilt the free-space bitmap from the trees" in cp.stdout, cp.stdout
+        assert snapctl_check(srv).returncode == 0
+        srv.start()
+        for export, want in built.model.items():
+            assert not read_export(srv, export, want), export
+        h = srv.connect("live")
+        try:
+            h.pwrite(b"z" * BS, 0)
+            h.flush()
+            assert h.pread(BS, 0) == b"z" * BS
+        finally:
+            close_quietly(h)
+        srv.stop()
+        assert snapctl_check(srv).returncode == 0
+    elif m.btype == BT_SUPER:
         # the server's commits already rewrote the slot: nothing left to repair (a repair
         # with no server in between: test_bad_superblock_slot_repaired_without_a_server)
         assert cp.returncode == 0, cp.stdout + cp.stderr
@@ -323,6 +359,45 @@ def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Cas
         assert cp.returncode == 4, f"{case.name}: repair exit {cp.returncode}\n{cp.stdout}"
         assert "not fixed" in cp.stdout and "nothing was changed" in cp.stdout, cp.stdout
         assert sha256(image) == before, f"{case.name}: a repair that fixed nothing wrote"
+
+
+def serve_degraded(srv: NbdkitServer, built: Built, m: MetaBlock, case: Case, words: str) -> None:
+    """The server starts read-only, saying why; every export it serves reads exactly; the
+    snapshots it refuses are those a damaged table cuts from the chain (a prefix: a snapshot
+    reads through every newer one); writes and changes are refused."""
+    srv.start()
+    log = srv.log()
+    assert "the pool is read-only" in log and f"metadata block {m.addr}" in log, log[-2000:]
+    refused: list[str] = []
+    for export, want in built.model.items():
+        try:
+            failed = read_export(srv, export, want)
+        except nbd.Error:
+            refused.append(export)
+            continue
+        assert not failed, f"{case.name}: {export} failed reads {sorted(failed)[:10]}"
+    assert "live" not in refused
+    ids = sorted(int(e[6:]) for e in refused)
+    assert ids == list(range(1, len(ids) + 1)), f"{case.name}: refused {refused}: not a prefix"
+    if m.btype == BT_BITMAP:
+        assert not refused, refused
+    else:
+        assert refused, f"{case.name}: a lost table leaf refused no snapshot"
+        assert "cannot be read exactly" in srv.log()
+    h = srv.connect("live")
+    try:
+        assert h.is_read_only()
+        with pytest.raises(nbd.Error):
+            h.pwrite(b"x" * BS, 0)
+    finally:
+        close_quietly(h)
+    cp = srv.snapctl("create", "more", check=False)
+    assert cp.returncode == 4 and "read-only" in cp.stderr, cp.stderr
+    info = json.loads(srv.snapctl("info", "--json").stdout)
+    assert "damaged" in info["read_only_reason"], info
+    cp = snapctl_check(srv)
+    assert cp.returncode == 4 and words in cp.stdout, cp.stdout + cp.stderr
+    srv.stop()
 
 
 def test_bad_superblock_slot_repaired_without_a_server(built: Built, tmp_path: Path) -> None:

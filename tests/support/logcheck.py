@@ -99,6 +99,12 @@ SNAPSHOT_GONE = r"the snapshot was deleted while this connection was open"
 VOLUME_CHANGED = r"the volume changed under this connection"
 NO_SUCH_SNAPSHOT = r"no snapshot named '[^']*'"
 NO_SUCH_VOLUME = r"no volume named '[^']*'"
+# an open within two generations of a repair that rebuilt a damaged bitmap: the ring's older
+# bitmap is the damaged one
+OLD_BITMAP_UNREADABLE = r"the free-space bitmap of generation \d+ cannot be read"
+READ_ONLY_POOL = r"the pool is read-only: metadata it needs for writing is damaged"
+# a degraded pool refuses an export it cannot read exactly, or whose name its damage lost
+CANNOT_READ_EXACTLY = r"cannot be (read exactly|named): "
 BAD_METADATA = r"metadata block \d+ \([^)]*\) (failed its checksum|claims address)"
 HEALED_COPY = r"at block \d+, and rewritten from it at the next commit"  # a bad copy, healed
 POOL_SPANS_MORE = r"is \d+ bytes but its pool spans \d+"

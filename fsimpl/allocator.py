@@ -69,9 +69,10 @@ class Allocator:
         self.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
         self.grown = False
         self.damaged = False  # the on-disk bitmap could not be read (refuse_all)
+        self.keep_backed: set[int] = set()  # freed metadata addresses: never punched
         self.commit_need: Callable[[], int] = lambda: 0  # set by the transaction layer
         store.allocate_address = self.allocate
-        store.free_address = self.free
+        store.free_address = self.free_metadata
         store.allocate_far = self.allocate_far
 
     # --- setup --------------------------------------------------------------------------------
@@ -289,6 +290,15 @@ class Allocator:
         self.free_count += 1
         self.dirty_leaves.add(b // self.bits_per_leaf)
 
+    def free_metadata(self, b: int) -> None:
+        """A metadata node's old address (copy-on-write): freed like any block, but not
+        punched out when it becomes reusable. Commits reuse these first (the cursor returns to
+        them), so an image file keeps the room its commits churn through, and a commit still
+        fits when the host file system is full (a trim's frees wait out the deferral window
+        before they give the host anything back)."""
+        self.free(b)
+        self.keep_backed.add(b)
+
     def free_many(self, blocks: Iterable[int]) -> None:
         for b in blocks:
             self.free(b)
@@ -331,8 +341,8 @@ class Allocator:
 
     def release_pending(self, generation: int) -> list[int]:
         """After commit `generation` is durable: its frees enter the deferral window, and the
-        frees of commit generation - DEFER_GENERATIONS become allocatable. Returns those (to
-        punch out): no generation in the window loses a block it references."""
+        frees of commit generation - DEFER_GENERATIONS become allocatable. Returns those (see
+        to_punch): no generation in the window loses a block it references."""
         if self.pending:
             self.deferred.append((generation, self.pending))
             self.deferred_blocks += len(self.pending)
@@ -347,6 +357,15 @@ class Allocator:
         if freed:
             self.cursor = min(self.cursor, min(freed))
         return freed
+
+    def to_punch(self, released: list[int]) -> list[int]:
+        """Of the blocks release_pending made reusable, those to punch out of the host: all
+        but freed metadata addresses (free_metadata)."""
+        if not self.keep_backed:
+            return released
+        punch = [b for b in released if b not in self.keep_backed]
+        self.keep_backed.difference_update(released)
+        return punch
 
     def mark_in_use(self, blocks: Iterable[int]) -> None:
         """Blocks the free map wrongly calls free (check --repair): in use again, and out of

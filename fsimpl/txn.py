@@ -669,7 +669,7 @@ class Pool:
         self.dirty_snaps.clear()
         self.sb_dirty = False
         self.commits += 1
-        self._discard(self.allocator.release_pending(sb.generation))
+        self._discard(self.allocator.to_punch(self.allocator.release_pending(sb.generation)))
         return True
 
     def _discard(self, freed: list[int]) -> None:

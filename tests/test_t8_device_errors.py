@@ -31,7 +31,7 @@ import nbd
 import pytest
 from harness import NbdkitServer, require
 from support.data import pattern
-from support.logcheck import COMMIT_FAILED
+from support.logcheck import COMMIT_FAILED, HEALED_COPY
 from t8_helpers import close_quietly, metadata_blocks, nbd_errno
 
 from fsimpl.engine import Engine
@@ -297,7 +297,9 @@ def test_a_metadata_read_error_fails_the_requests_that_need_it(
     """A block-map leaf the disk cannot read: requests through it fail with EIO, the rest of
     the pool is served, and once the disk reads again so does the leaf (nothing was cached
     wrong, nothing was marked bad)."""
-    fs = FaultyServer(servers, tmp_path, size=str(SIZE), params={"block-size": "4K"})
+    fs = FaultyServer(  # one copy: the error must show (two: the next test)
+        servers, tmp_path, size=str(SIZE), params={"block-size": "4K", "metadata-copies": "1"}
+    )
     srv = fs.srv.start()
     srv.snapctl("volume", "create", "vol2", "--size", str(SIZE))
     for name, tag in (("live", 1), ("vol2", 2)):
@@ -320,3 +322,34 @@ def test_a_metadata_read_error_fails_the_requests_that_need_it(
     fs.arm()
     assert h.pread(16 * BS, 0) == pattern(1, 16 * BS)
     close_quietly(h)
+
+
+@pytest.mark.engine_log(HEALED_COPY)
+def test_a_read_error_on_one_metadata_copy_is_served_from_the_other(
+    servers: Any, tmp_path: Path
+) -> None:
+    """Two copies (the default): the disk failing to read a block-map leaf's first copy costs
+    nothing. The second copy serves, the heal is logged and counted, and once the disk
+    writes again the commit rewrites the first copy, which then reads by itself."""
+    fs = FaultyServer(servers, tmp_path, size=str(SIZE), params={"block-size": "4K"})
+    srv = fs.srv.start()
+    h = srv.connect("live")
+    h.pwrite(pattern(1, 16 * BS), 0)
+    h.flush()
+    close_quietly(h)
+    srv.stop()
+    blocks, _ = metadata_blocks(srv.disk)
+    leaf = next(b for b in blocks if b.tree == "live map" and b.btype == BT_MAP_LEAF)
+    fs.arm({"op": "read", "count": 1, "block": leaf.addr, "block_size": BS})
+    srv.start()
+    h = srv.connect("live")
+    assert h.pread(16 * BS, 0) == pattern(1, 16 * BS)
+    h.pwrite(pattern(2, BS), 0)
+    h.flush()  # the commit rewrites the first copy from the second
+    close_quietly(h)
+    info = fs.info()
+    assert info["errors"]["read"] == 1 and info["errors"]["healed"] == 1, info
+    assert fs.fired(), "the fault never fired"
+    srv.stop()
+    fs.arm()
+    assert srv.snapctl("check").returncode == 0

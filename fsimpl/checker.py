@@ -619,11 +619,15 @@ def repair(device: Device) -> RepairReport:
     walker = _Walker(pool, CheckReport())
     walker.run()
     fixed: list[str] = []
-    if walker.complete and "free-space bitmap" in pool.damage:
-        used = pool.allocator.rebuild(walker.owned)
+    ownership = [d for d in walker.report.defects if d.kind in ("double_owner", "bad_address")]
+    if walker.complete and not ownership and "free-space bitmap" in pool.damage:
+        pool.allocator.rebuild(walker.owned)
         del pool.damage["free-space bitmap"]
+        # the deferral window's generations keep their blocks (from their own bitmaps): a
+        # rewind to them stays exact, and a crash during the repair leaves them whole
+        pool._load_deferred()
         pool.sb_dirty = True
-        fixed.append(f"rebuilt the free-space bitmap from the trees ({used} blocks in use)")
+        fixed.append("rebuilt the free-space bitmap from the trees")
     if pool.damage:
         return RepairReport(before, [], before)  # a damaged table: nothing is safe to change
     if walker.complete:

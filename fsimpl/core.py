@@ -284,13 +284,25 @@ class EngineCore:
         """Refuse a volume or snapshot that a degraded open found it cannot read exactly (its
         chain passes through a damaged table): a clean error, never wrong data."""
         pool = self.pool
+        if not pool.damage:
+            return
         why = pool.unreadable_volumes.get(vol.ino)
-        if why is None and rec is not None and rec.id <= pool.unreadable_below:
+        # live in the middle of a rollback or a receive reads through the target snapshot
+        pending = vol.inode.op in (OP_ROLLBACK, OP_RECEIVE) and vol.inode.op_target
+        through = rec.id if rec is not None else vol.inode.op_target if pending else 0
+        if (
+            why is None
+            and through
+            and (through <= pool.unreadable_below or through not in vol.shadows)
+        ):
             why = "a snapshot map it reads through is in a damaged table"
         if why is not None:
             what = f"{vol.name}@{rec.name}" if rec is not None else vol.name
+            reason = pool.read_only_reason or ""
             raise CorruptMetadata(
-                f"{what} cannot be read exactly: {why}. {pool.read_only_reason}", -1, "table"
+                f"{what} cannot be read exactly: {why}. {reason[:1].upper()}{reason[1:]}",
+                -1,
+                "table",
             )
 
     def require_covers(self, vol: Volume, rec: SnapshotRecord) -> None:

@@ -153,6 +153,8 @@ class ExportRequests:
                 "went back to its last durable state, so writes not yet flushed may be gone; "
                 "reconnect to see what is durable"
             )
+        if core.pool.damage:  # a reload may have found damage since the connection opened
+            core.require_readable(vol, core.pool.snapshots.get(ex.snap_id or 0))
         return vol
 
     @staticmethod

@@ -8,7 +8,7 @@ import time
 
 from .checker import check, report_json
 from .core import OperationModule, Progress
-from .errors import DittoError, InvalidArgument
+from .errors import DamagedPool, DittoError, InvalidArgument
 from .layout import BT_INTERIOR, FORMAT_VERSION, KIND_ADDR, ROLE_NAMES, SNAP_ACTIVE
 from .volume import read_checked
 
@@ -104,7 +104,7 @@ class PoolOps(OperationModule):
                     self.core.commit()
                 result = check(self.core.device)
             report = report_json(result)
-            report["healed"] = self.pool.store.healed + slots
+            report["healed"] = 0 if degraded else self.pool.store.healed + slots
             return report
 
     def scrub(self, progress: Progress | None = None) -> dict[str, object]:
@@ -112,6 +112,8 @@ class PoolOps(OperationModule):
         (rewritten by the commit that ends the pass); then read every data block the pool holds
         (live and every snapshot) and, on a pool with data checksums, verify each against its
         CRC. The lock is taken per tree and per data block."""
+        if self.pool.read_only_reason:  # it heals by committing
+            raise DamagedPool(self.pool.read_only_reason)
         metadata = self._scrub_metadata()
         with self.lock:
             pool = self.pool

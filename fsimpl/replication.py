@@ -116,6 +116,10 @@ class ReplicationStreams(OperationModule):
                 f"sent; 'snapctl set {to.name} writable=off' first"
             )
         vols = sorted(self.pool.covering(to.id), key=lambda v: v.name)
+        for vol in vols:  # a degraded pool: never a stream of what it cannot read exactly
+            for rec in (to, base):
+                if rec is not None:
+                    self.core.require_readable(vol, rec)
         if base is not None:
             if base.id >= to.id:
                 raise InvalidArgument(f"'{base.name}' must be older than '{to.name}'")

@@ -40,12 +40,14 @@ class Generation:
 
     generation: int
     commit_ns: int
-    status: str  # newest | whole | verified | unusable
+    status: str  # newest | whole | verified | unverified | degraded | unusable
     detail: str = ""
 
     @property
     def usable(self) -> bool:
-        return self.status != "unusable"
+        """Can the pool be opened (rewound) here and written? A degraded state opens only
+        read-only (txn.Pool._damaged)."""
+        return self.status not in ("unusable", "degraded")
 
     def json(self) -> dict[str, object]:
         return dataclasses.asdict(self) | {"commit_time": commit_time(self.commit_ns)}
@@ -93,6 +95,8 @@ def generations(device: Device, deep: bool = True) -> list[Generation]:
             status, problem = "unverified", ""
         if problem:
             status = "unusable"
+        elif pool.read_only_reason:
+            status, problem = "degraded", pool.read_only_reason
         detail = {
             "newest": "the state a normal open serves",
             "whole": "inside the deferral window: nothing it references was reused",

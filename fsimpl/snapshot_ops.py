@@ -369,8 +369,10 @@ class SnapshotOps(OperationModule):
             vol = self.core.volume(volume)
             a = self.core.snapshot(from_name)
             b = self.core.snapshot(to_name) if to_name else None
+            self.core.require_readable(vol)
             for r in (a, b):
                 if r is not None:
+                    self.core.require_readable(vol, r)
                     self.core.require_covers(vol, r)
             if b is not None and b.id < a.id:
                 raise InvalidArgument(f"'{from_name}' must be older than '{to_name}': swap them")

@@ -275,8 +275,8 @@ class Pool:
         leave the newest generation with one good copy: write the other now, before anything
         else (the caller has made sure no other process serves the pool). The slot holds
         nothing any state relies on, so a torn write here costs nothing."""
-        if self.device.readonly or self.device.read_only_device:
-            return
+        if self.device.readonly or self.device.read_only_device or self.damage:
+            return  # (a degraded pool is written by nothing: read-only until repaired)
         bad = {slot for slot, _ in self.superblock_problems}
         raw = self.device.pread(RESERVED_BYTES, 0)
         data = pack_superblock(self.sb)
@@ -615,7 +615,7 @@ class Pool:
             or self.dirty_snaps
             or self.allocator.dirty_leaves
             or self.sb_dirty
-            or self.store.heals
+            or (self.store.heals and not self.damage)  # a degraded pool writes nothing
         )
 
     def commit(self) -> bool:

@@ -58,6 +58,7 @@ from .layout import (
     SECTOR,
     SNAP_ACTIVE,
     SNAP_DELETING,
+    SUM_UNIT,
     SUPERBLOCK_OFFSETS,
     BlockPointer,
     Entry,
@@ -461,10 +462,14 @@ class _Walker:
         sectors = self.pool.block_size // SECTOR
         for b, e in incomplete:
             where = f"volume {vol.name} block {b}"
-            if self.pool.ctx.checksums:
-                problem = "an incomplete block in a pool with data checksums"
-            elif not 0 <= e.valid_lo < e.valid_hi <= sectors or e.valid_hi - e.valid_lo == sectors:
+            unit = SUM_UNIT // SECTOR if self.pool.ctx.checksums else 1
+            if not 0 <= e.valid_lo < e.valid_hi <= sectors or e.valid_hi - e.valid_lo == sectors:
                 problem = f"incomplete block with valid sectors [{e.valid_lo}, {e.valid_hi})"
+            elif e.valid_lo % unit or e.valid_hi % unit:  # each unit has its own checksum
+                problem = (
+                    f"incomplete block with valid sectors [{e.valid_lo}, {e.valid_hi}), not "
+                    "whole 4 KiB units in a pool with data checksums"
+                )
             elif not any(
                 o.kind == KIND_ADDR and o.addr == e.base
                 for o in (vol.shadows[s].get(b) for s in vol.chain)

@@ -102,6 +102,7 @@ BT_MAP_LEAF = 2
 BT_INODE_LEAF = 3
 BT_SNAP_LEAF = 4
 BT_BITMAP = 5
+BT_SUMS_LEAF = 6
 
 BLOCK_TYPE_NAMES = {
     BT_SUPER: "superblock",
@@ -110,6 +111,7 @@ BLOCK_TYPE_NAMES = {
     BT_INODE_LEAF: "inode-table leaf",
     BT_SNAP_LEAF: "snapshot-table leaf",
     BT_BITMAP: "free-space bitmap",
+    BT_SUMS_LEAF: "data-checksum leaf",
 }
 
 _SALT = {
@@ -119,6 +121,7 @@ _SALT = {
     BT_INODE_LEAF: 0x36A1C404,
     BT_SNAP_LEAF: 0x4C0FFE05,
     BT_BITMAP: 0x5A3D1706,
+    BT_SUMS_LEAF: 0x63C42A07,
 }
 
 
@@ -535,7 +538,8 @@ KIND_ORIGIN = 3
 # Deferred copy-on-write (US 6,748,504): a partial first write after a snapshot leaves live's
 # new block *incomplete*: only sectors [valid_lo, valid_hi) are in it, the rest of the block
 # still reads from `base`, the old block the latest snapshot took. Only live maps hold
-# incomplete entries, never in pools with data checksums (a CRC needs the whole block).
+# incomplete entries (in pools with data checksums the valid range is whole 4 KiB units, each
+# with its checksum at `addr`; the rest is checked against the base's).
 ENTRY_INCOMPLETE = 0x01
 SECTOR = 512  # unit of the valid range
 
@@ -556,8 +560,8 @@ MAP_ENTRY_LAYOUT = Layout(
         (
             "tail",
             "Q",
-            "complete entries: the data's CRC-32 in the low 32 bits (pools with data "
-            "checksums); incomplete entries: the base block",
+            "incomplete entries: the base block; complete entries: zero (version 1 kept the "
+            "data's CRC-32 here; version 2 keeps data checksums per 4 KiB, by physical block)",
         ),
     ],
 )
@@ -613,10 +617,35 @@ def entry_is_empty(buf: bytes | bytearray, index: int) -> bool:
     return buf[off : off + ENTRY_SIZE] == _ZERO_ENTRY
 
 
+# --- data checksums ----------------------------------------------------------------------------
+
+# A pool with data checksums keeps a CRC-32 of every 4 KiB unit of every data block, keyed by the
+# block's physical number: the checksum belongs to the bytes where they lie, so an entry that
+# moves between maps (move-on-write, a delete handing blocks to an older snapshot) never touches
+# it, and a 4 KiB read verifies just its own 4 KiB. A unit's checksum is written in the same
+# commit as the map entry that makes the unit readable; a unit no committed entry reads (the
+# free part of an incomplete block, a freed block) may hold anything.
+SUM_UNIT = 4096
+SUM_SIZE = 4  # a CRC-32
+
+
+def sum_units(block_size: int) -> int:
+    """Checksummed units per data block."""
+    return block_size // SUM_UNIT
+
+
+def sums_leaf_capacity(block_size: int) -> int:
+    """Data blocks one data-checksum leaf covers."""
+    return (block_size - HEADER_SIZE) // (SUM_SIZE * sum_units(block_size))
+
+
 # --- inode records -----------------------------------------------------------------------------
 
 INODE_VOLUME = 1
 INODE_SHADOW = 2
+# the pool's data checksums (pools with FEATURE_DATA_CHECKSUMS): one per pool, its map a tree of
+# data-checksum leaves keyed by physical block number (DATA CHECKSUMS below)
+INODE_CHECKSUMS = 3
 
 INODE_RECORD_SIZE = 256
 
@@ -881,7 +910,11 @@ def describe_format() -> str:
             KIND_ORIGIN: "a clone's origin snapshot's data (shadow maps of clones)",
         },
         "map entry flags": {ENTRY_INCOMPLETE: "incomplete: only [valid_lo, valid_hi) is here"},
-        "inode kind": {INODE_VOLUME: "a volume", INODE_SHADOW: "a shadow inode"},
+        "inode kind": {
+            INODE_VOLUME: "a volume",
+            INODE_SHADOW: "a shadow inode",
+            INODE_CHECKSUMS: "the pool's data checksums",
+        },
         "inode op": {
             OP_NONE: "none",
             OP_ROLLBACK: "rollback to op_target",

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 
 from .blockmap import BlockMap
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume, read_block
+from .volume import DataContext, Volume, copy_block
 
 
 def delete_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], bool]) -> bool:
@@ -62,7 +62,7 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
             # the entry kept the data's birth in live, so sharing with every older snapshot
             # is exact again
             if e.kind == KIND_ADDR:
-                live.set(b, Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum))
+                live.set(b, Entry(KIND_ADDR, e.addr, e.birth))
             elif e.kind == KIND_HOLE and vol.origin is not None:
                 live.set(b, Entry(KIND_HOLE, 0, e.birth))  # a clone's NONE would read origin
             else:  # a hole of a plain volume, or a clone's origin view
@@ -165,7 +165,6 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
     never wrote, and its snapshots' ORIGIN entries. Returns the next cursor; the clone is
     independent once the cursor reaches the origin's size."""
     assert vol.origin is not None
-    bs = ctx.block_size
     end = vol.origin_blocks
     step = vol.live.capacity
     while cursor < end:
@@ -183,7 +182,7 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
         copies = ctx.allocator.allocate_many(len(data), 2 * len(vol.chain) + 8)
         try:
             for (i, _, _), c in zip(data, copies, strict=True):
-                ctx.device.pwrite(read_block(ctx, origin_view[i]), c * bs)
+                copy_block(ctx, origin_view[i], c)
         except BaseException:
             ctx.allocator.unallocate(copies)
             raise
@@ -191,7 +190,7 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
         for i, m, e in todo:
             own = copied.get((i, id(m)))
             if own is not None:
-                m.set(cursor + i, Entry(KIND_ADDR, own, e.birth, csum=origin_view[i].csum))
+                m.set(cursor + i, Entry(KIND_ADDR, own, e.birth))
             elif m is not vol.live:
                 m.set(cursor + i, Entry(KIND_HOLE, 0, e.birth))  # the origin read zeros there
         cursor += count

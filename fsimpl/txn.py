@@ -26,6 +26,7 @@ from dataclasses import replace
 
 from .allocator import Allocator
 from .blockmap import BlockMap
+from .datasums import DataSums
 from .device import Device
 from .errors import (
     CorruptMetadata,
@@ -41,6 +42,7 @@ from .layout import (
     DEFER_GENERATIONS,
     FEATURE_DATA_CHECKSUMS,
     FORMAT_VERSION,
+    INODE_CHECKSUMS,
     INODE_SHADOW,
     INODE_VOLUME,
     OP_DELETE,
@@ -331,6 +333,8 @@ class Pool:
         if growable:
             device.truncate(capacity * block_size)
         pool.create_volume("live", live_size)
+        if checksums:
+            pool.create_data_sums()
         pool.commit()
         # The other slots get the same state one generation lower (with an empty ring), so
         # every slot holds a superblock of this pool.
@@ -359,6 +363,8 @@ class Pool:
                 self.volumes[rec.ino] = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
             elif rec.kind == INODE_SHADOW:
                 shadows.append(rec)
+            elif rec.kind == INODE_CHECKSUMS:
+                self.ctx.sums = DataSums(self.store, rec, self.dirty_maps)
         for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
         tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
@@ -457,6 +463,14 @@ class Pool:
         ino = self.sb.next_inode
         self.sb.next_inode += 1
         return ino
+
+    def create_data_sums(self) -> DataSums:
+        """The checksum inode of a pool with data checksums (format, upgrade)."""
+        ino = self._new_ino()
+        rec = InodeRecord(kind=INODE_CHECKSUMS, ino=ino, volume_ino=ino, created_ns=time.time_ns())
+        self.ctx.sums = DataSums(self.store, rec, self.dirty_maps)
+        self.touch_inode(rec)
+        return self.ctx.sums
 
     def create_volume(
         self, name: str, size: int, origin: Volume | None = None, origin_snap: int = 0
@@ -601,6 +615,8 @@ class Pool:
             ("snapshot table", self.snaptab.tree),
             ("free-space bitmap", self.allocator.tree),
         ]
+        if self.ctx.sums is not None:
+            trees.append(("data checksums", self.ctx.sums.tree))
         for vol in self.volumes.values():
             trees.append((f"volume {vol.name} map", vol.live.tree))
             for sid, shadow in vol.shadows.items():

@@ -5,13 +5,16 @@ addresses there, block pointers with the child's generation and checksum here) a
 version 2 added where version 1 kept zeros. Leaves are the same: same header size, same
 records. So an upgrade reads every tree of the old pool leaf by leaf, writes each leaf's records
 into a new tree of the current version (every node at a fresh address: copy-on-write), frees the
-old nodes, and commits, which writes the new superblock. Data blocks are not touched. Until that
-superblock is durable the old pool is intact; a crash leaves one or the other, whole.
+old nodes, and commits, which writes the new superblock. Data blocks are not touched (a pool
+with data checksums has them read once, to move their checksums from the map entries to the
+per-4 KiB checksum tree). Until that superblock is durable the old pool is intact; a crash
+leaves one or the other, whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import zlib
 
 from .device import Device
 from .errors import NotFound, Refused
@@ -19,6 +22,7 @@ from .layout import (
     BT_BITMAP,
     FORMAT_VERSION,
     HEADER_SIZE,
+    KIND_ADDR,
     OWNER_BITMAP,
     pack_ring,
 )
@@ -43,6 +47,7 @@ def upgrade_disk(path: str) -> dict[str, object]:
             raise Refused(f"{path} already holds a version {FORMAT_VERSION} pool: nothing to do")
         pool = Pool.open(device, UPGRADE_CACHE_BYTES, upgrading=True)
         moved = _rewrite_trees(pool)
+        damaged = _data_sums_from_v1(pool) if pool.ctx.checksums else []
         pool.sb.version = FORMAT_VERSION
         pool.sb_dirty = True
         # version 1 slots are 4 KiB, one per page, generation % 2: keep the newest one whole
@@ -59,6 +64,7 @@ def upgrade_disk(path: str) -> dict[str, object]:
             "from_version": old.version,
             "to_version": FORMAT_VERSION,
             "metadata_blocks_rewritten": moved,
+            "damaged_data_blocks": damaged,
             "generation": pool.sb.generation,
         }
     finally:
@@ -103,3 +109,27 @@ def _rewrite_trees(pool: Pool) -> int:
     for addr in old_nodes:
         alloc.free(addr)  # allocatable once the upgrade commit is durable
     return len(old_nodes)
+
+
+def _data_sums_from_v1(pool: Pool) -> list[int]:
+    """Version 1 kept one CRC-32 per data block in its map entry; version 2 keeps one per 4 KiB
+    unit, by physical block (datasums.py). Each block is read and verified against its old CRC
+    and its units' checksums written. A block that fails keeps failing: its units get checksums
+    that cannot match, so reads of it are errors as they were, never unverified data. Returns
+    those blocks."""
+    sums = pool.create_data_sums()
+    bs = pool.block_size
+    damaged: list[int] = []
+    for vol in pool.volumes.values():
+        for m in [vol.live, *vol.shadows.values()]:
+            blocks = -(-m.inode.size // bs)
+            for b, e in list(m.entries_in(0, blocks)):
+                if e.kind != KIND_ADDR:
+                    continue
+                data = pool.device.pread(bs, e.addr * bs)
+                sums.set(e.addr, 0, data)
+                if zlib.crc32(data) != e.csum:
+                    damaged.append(e.addr)
+                    sums.poison(e.addr)
+                m.set(b, e._replace(csum=0))  # version 2 keeps the tail zero
+    return damaged

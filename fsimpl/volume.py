@@ -35,15 +35,15 @@ keeps birth <= latest, so it is never overwritten in place before it is committe
 from __future__ import annotations
 
 import bisect
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .allocator import Allocator
 from .blockmap import BlockMap, set_bits
 from .chain_index import WALK, ChainIndex
+from .datasums import DataSums
 from .device import Device
-from .errors import CorruptData, DittoError
+from .errors import CorruptData, CorruptMetadata, DittoError
 from .layout import (
     EMPTY_ENTRY,
     ENTRY_INCOMPLETE,
@@ -52,6 +52,7 @@ from .layout import (
     KIND_NONE,
     KIND_ORIGIN,
     SECTOR,
+    SUM_UNIT,
     Entry,
     InodeRecord,
 )
@@ -71,7 +72,8 @@ class DataContext:
     block_size: int
     birth: Callable[[], int]  # the pool's next snapshot id
     commit: Callable[[], object]  # make everything so far durable (copy-on-write ordering)
-    checksums: bool = False  # every ADDR entry carries the CRC-32 of its block (format option)
+    checksums: bool = False  # data checksums per 4 KiB unit (format option): see `sums`
+    sums: DataSums | None = None  # where they are (None with checksums on: its inode is lost)
 
 
 class Volume:
@@ -202,12 +204,14 @@ class Volume:
         length = len(out)
         first = offset // bs
         last = (offset + length - 1) // bs
-        if first == last and snap_id is None and self.origin is None and not ctx.checksums:
+        if first == last and snap_id is None and self.origin is None:
             e = self.live.get(first)  # the common small read, without the general machinery
-            if e.kind == KIND_ADDR:
-                read_view_into(ctx, e, out, offset - first * bs)
-            else:
+            if e.kind != KIND_ADDR:
                 out[:] = bytes(length)
+            elif ctx.checksums:
+                read_verified_into(ctx, e, out, offset - first * bs)
+            else:
+                read_view_into(ctx, e, out, offset - first * bs)
             return
         entries = self.resolve_range(snap_id, first, last - first + 1)
         if ctx.checksums:
@@ -239,7 +243,7 @@ class Volume:
     def _read_verified(
         self, ctx: DataContext, entries: list[Entry], first: int, out: memoryview, offset: int
     ) -> None:
-        """Read block by block, each whole block checked against its entry's CRC-32."""
+        """Read block by block, each 4 KiB unit read verified against its checksum."""
         bs = ctx.block_size
         pos = 0
         for i, e in enumerate(entries):
@@ -247,7 +251,7 @@ class Volume:
             start = offset + pos - b * bs
             n = min(bs - start, len(out) - pos)
             if e.kind == KIND_ADDR:
-                out[pos : pos + n] = read_checked(ctx, e)[start : start + n]
+                read_verified_into(ctx, e, out[pos : pos + n], start)
             else:
                 out[pos : pos + n] = bytes(n)
             pos += n
@@ -291,7 +295,7 @@ class Volume:
         """The shadow entry that keeps live's current view of block b for a snapshot."""
         assert not e.incomplete, "an incomplete block is settled before a snapshot takes it"
         if e.kind == KIND_ADDR:
-            return Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum)
+            return Entry(KIND_ADDR, e.addr, e.birth)
         if (
             e.kind == KIND_NONE
             and self.origin is not None
@@ -306,7 +310,7 @@ class Volume:
         if self.origin is not None:
             e = self.resolve_range(None, b, 1)[0]
             if e.kind == KIND_ADDR:
-                read_view_into(ctx, e, memoryview(buf), 0)
+                read_for_merge(ctx, e, memoryview(buf), 0)
 
     # --- deferred merges ----------------------------------------------------------------------
 
@@ -320,9 +324,14 @@ class Volume:
             return e
         bs = ctx.block_size
         lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+        base = Entry(KIND_ADDR, e.base)
         for a, z in ((0, lo), (hi, bs)):
             if a < z:
-                ctx.device.pwrite(ctx.device.pread(z - a, e.base * bs + a), e.addr * bs + a)
+                gap = bytearray(z - a)
+                read_for_merge(ctx, base, memoryview(gap), a)
+                ctx.device.pwrite(gap, e.addr * bs + a)
+                if ctx.checksums:
+                    data_sums(ctx).set(e.addr, a, gap)
         done = Entry(KIND_ADDR, e.addr, e.birth)
         self.live.set(b, done)
         return done
@@ -390,17 +399,22 @@ class Volume:
         first = offset // bs
         last = (offset + len(data) - 1) // bs
         latest = self.inode.snap_id
-        if first == last and not ctx.checksums:
+        # the unit a deferred (partial) write keeps whole: a sector, or with data checksums a
+        # checksummed unit (an incomplete block's valid range is whole units then)
+        grain = SUM_UNIT if ctx.checksums else SECTOR
+        aligned = offset % grain == 0 and len(data) % grain == 0
+        if first == last:
             e = self.live.get(first)
             if e.kind == KIND_ADDR and not e.flags:
                 start = offset - first * bs
-                if not (latest and e.birth <= latest):
+                owned = not (latest and e.birth <= latest)
+                if owned and not ctx.checksums:
                     # live owns the block outright: the common small overwrite, in place
                     ctx.device.pwrite(data, e.addr * bs + start)
                     return
-                aligned = start % SECTOR == 0 and len(data) % SECTOR == 0
                 if (
-                    defer
+                    not owned
+                    and defer
                     and cow == COW_MOVE
                     and aligned
                     and self._deferred_first_write(ctx, first, e, data, start)
@@ -411,12 +425,14 @@ class Volume:
             # aside first: shared blocks move to the snapshot as under cow=move)
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
-        aligned = offset % SECTOR == 0 and len(data) % SECTOR == 0
         for i, e in enumerate(entries):
-            if e.incomplete and (not aligned or self._shared(first + i, e, latest)):
-                # a snapshot takes only whole blocks; an unaligned write cannot extend a range
+            if e.incomplete and (
+                not aligned or ctx.checksums or self._shared(first + i, e, latest)
+            ):
+                # a snapshot takes only whole blocks; an unaligned write cannot extend a range;
+                # with checksums the block's committed units are never rewritten in place
                 entries[i] = self.settle(ctx, first + i)
-        defer = defer and aligned and cow == COW_MOVE and not ctx.checksums
+        defer = defer and aligned and cow == COW_MOVE
         shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
         # With data checksums every block written goes to a new place: an overwrite in place
         # would put new data under the committed CRC until the commit, and a crash then would
@@ -448,10 +464,12 @@ class Volume:
                     writes.append((e.addr * bs + start, chunk))  # live's own: in place
                     continue
                 new = fresh[len(remap)]
-                if n < bs and defer and e.kind == KIND_ADDR:
+                if n < bs and defer and e.kind == KIND_ADDR and shared[i]:
                     # the old block stays whole for the snapshot; live's reads outside the new
                     # bytes go to it until the merge
                     writes.append((new * bs + start, chunk))
+                    if ctx.checksums:
+                        data_sums(ctx).set(new, start, chunk)
                     lo, hi = start // SECTOR, (start + n) // SECTOR
                     part = Entry(KIND_ADDR, new, birth, ENTRY_INCOMPLETE, lo, hi, base=e.addr)
                     remap.append((b, e, shared[i], part))
@@ -461,14 +479,15 @@ class Volume:
                 else:
                     merged = bytearray(bs)
                     if e.kind == KIND_ADDR:  # the old contents around the new bytes
-                        read_view_into(ctx, e, memoryview(merged), 0)
+                        read_for_merge(ctx, e, memoryview(merged), 0)
                     elif e.kind == KIND_NONE:
                         self._base_into(ctx, b, merged)
                     merged[start : start + n] = chunk
                     block = memoryview(merged)
                 writes.append((new * bs, block))
-                crc = zlib.crc32(block) if ctx.checksums else 0
-                remap.append((b, e, shared[i], Entry(KIND_ADDR, new, birth, csum=crc)))
+                if ctx.checksums:
+                    data_sums(ctx).set(new, 0, block)
+                remap.append((b, e, shared[i], Entry(KIND_ADDR, new, birth)))
             write_coalesced(ctx.device, writes)
         except BaseException:
             ctx.allocator.unallocate(fresh)
@@ -502,7 +521,9 @@ class Volume:
         except BaseException:
             ctx.allocator.unallocate(new)
             raise
-        shadow.set(b, Entry(KIND_ADDR, e.addr, e.birth, csum=e.csum))
+        if ctx.checksums:
+            data_sums(ctx).set(new[0], start, data)
+        shadow.set(b, Entry(KIND_ADDR, e.addr, e.birth))
         lo, hi = start // SECTOR, (start + len(data)) // SECTOR
         self.live.set(
             b, Entry(KIND_ADDR, new[0], ctx.birth(), ENTRY_INCOMPLETE, lo, hi, base=e.addr)
@@ -513,7 +534,6 @@ class Volume:
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
         """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
         snapshot and commit, so the in-place overwrite that follows cannot reach a snapshot."""
-        bs = ctx.block_size
         latest = self.inode.snap_id
         shadow = self.shadows[latest]
         entries = self.live_range(first, last - first + 1)
@@ -526,7 +546,7 @@ class Volume:
         copies = ctx.allocator.allocate_many(len(to_copy), self._headroom(first, last))
         try:
             for (_, e), copy in zip(to_copy, copies, strict=True):
-                ctx.device.pwrite(read_block(ctx, e), copy * bs)
+                copy_block(ctx, e, copy)
         except BaseException:
             ctx.allocator.unallocate(copies)
             raise
@@ -534,7 +554,7 @@ class Volume:
         copy_of = dict(zip((b for b, _ in to_copy), copies, strict=True))
         for b, e in shared:
             if e.kind == KIND_ADDR:  # the copy is whole even if live's block is incomplete
-                shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth, csum=e.csum))
+                shadow.set(b, Entry(KIND_ADDR, copy_of[b], e.birth))
                 self.live.set(b, e._replace(birth=birth))
             else:  # nothing to copy: the snapshot records a hole, or the clone's origin view
                 shadow.set(b, self._preserved(b, e))
@@ -593,6 +613,55 @@ def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> N
             ctx.device.pread_into(out[a - start : z - start], addr * bs + a)
 
 
+def data_sums(ctx: DataContext) -> DataSums:
+    """The pool's data checksums; a pool that keeps them but lost their inode (a degraded
+    open) cannot verify, so it serves no data rather than unverified data."""
+    if ctx.sums is None:
+        raise CorruptMetadata(
+            "the pool's data checksums are in a damaged inode-table leaf, so no data can be "
+            "verified; run 'snapctl check'",
+            -1,
+            "inode-table leaf",
+        )
+    return ctx.sums
+
+
+def read_verified_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:
+    """read_view_into, each 4 KiB unit the bytes touch verified against its checksum: never
+    wrong data, an error naming the block and the bytes instead. An incomplete entry's valid
+    range is whole units of its own block, the rest is its base's."""
+    sums = data_sums(ctx)
+    bs = ctx.block_size
+    end = start + len(out)
+    if e.flags & ENTRY_INCOMPLETE:
+        lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+        pieces: tuple[tuple[int, int, int], ...] = (
+            (start, lo, e.base),
+            (lo, hi, e.addr),
+            (hi, end, e.base),
+        )
+    else:
+        pieces = ((start, end, e.addr),)
+    for a, z, addr in pieces:
+        a, z = max(a, start), min(z, end)
+        if a >= z:
+            continue
+        ua, uz = a - a % SUM_UNIT, -(-z // SUM_UNIT) * SUM_UNIT
+        target = out[a - start : z - start]
+        if ua == a and uz == z:  # whole units: straight into the caller's buffer
+            ctx.device.pread_into(target, addr * bs + a)
+            units: bytes | bytearray | memoryview = target
+        else:
+            units = ctx.device.pread(uz - ua, addr * bs + ua)
+        try:
+            sums.verify(addr, ua, units)
+        except CorruptData:
+            ctx.device.stats.checksum_errors += 1
+            raise
+        if units is not target:
+            target[:] = memoryview(units)[a - ua : z - ua]
+
+
 def read_block(ctx: DataContext, e: Entry) -> bytearray:
     """The whole block an ADDR entry describes (unverified)."""
     buf = bytearray(ctx.block_size)
@@ -601,18 +670,30 @@ def read_block(ctx: DataContext, e: Entry) -> bytearray:
 
 
 def read_checked(ctx: DataContext, e: Entry) -> bytearray:
-    """The whole block of an ADDR entry, verified against its CRC-32 when the pool keeps
-    checksums: never wrong data, an error naming the block instead."""
-    if e.incomplete:  # never in a pool with checksums
+    """The whole block of an ADDR entry, verified unit by unit when the pool keeps checksums:
+    never wrong data, an error naming the block instead."""
+    if not ctx.checksums:
         return read_block(ctx, e)
-    buf = ctx.device.pread(ctx.block_size, e.addr * ctx.block_size)
-    if ctx.checksums and zlib.crc32(buf) != e.csum:
-        ctx.device.stats.checksum_errors += 1
-        raise CorruptData(
-            f"data block {e.addr} failed its checksum (stored {e.csum:#010x}, read "
-            f"{zlib.crc32(buf):#010x}); run 'snapctl scrub' to find every damaged block"
-        )
+    buf = bytearray(ctx.block_size)
+    read_verified_into(ctx, e, memoryview(buf), 0)
     return buf
+
+
+def read_for_merge(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:
+    """Old bytes a write keeps beside its new ones: verified with checksums on, so a damaged
+    unit is never given a fresh checksum."""
+    if ctx.checksums:
+        read_verified_into(ctx, e, out, start)
+    else:
+        read_view_into(ctx, e, out, start)
+
+
+def copy_block(ctx: DataContext, e: Entry, dst: int) -> None:
+    """Block dst takes a copy of what the ADDR entry e reads (with its checksums)."""
+    data = read_checked(ctx, e)
+    ctx.device.pwrite(data, dst * ctx.block_size)
+    if ctx.checksums:
+        data_sums(ctx).set(dst, 0, data)
 
 
 def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:

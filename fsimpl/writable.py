@@ -19,10 +19,8 @@ written latest snapshot never receives a second entry for the same block.
 
 from __future__ import annotations
 
-import zlib
-
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
-from .volume import DataContext, Volume, read_block, read_view_into, write_coalesced
+from .volume import DataContext, Volume, copy_block, data_sums, read_for_merge, write_coalesced
 
 
 def _plan(vol: Volume, sid: int, first: int, count: int) -> tuple[list[Entry], list[Entry]]:
@@ -68,10 +66,10 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     new_for = fresh[: count - sum(in_place)]
     copy_for = dict(zip(copies_needed, fresh[count - sum(in_place) :], strict=True))
     writes: list[tuple[int, memoryview]] = []
-    remap: list[tuple[int, int, int]] = []  # (index, new block for S, its CRC)
+    remap: list[tuple[int, int]] = []  # (index, new block for S)
     try:
         for i, c in copy_for.items():  # older snapshots keep the view they relied on
-            ctx.device.pwrite(read_block(ctx, views[i]), c * bs)
+            copy_block(ctx, views[i], c)
         pos = 0
         for i in range(count):
             b = first + i
@@ -88,16 +86,18 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             else:
                 merged = bytearray(bs)
                 if views[i].kind == KIND_ADDR:
-                    read_view_into(ctx, views[i], memoryview(merged), 0)
+                    read_for_merge(ctx, views[i], memoryview(merged), 0)
                 merged[start : start + n] = chunk
                 block = memoryview(merged)
             writes.append((new * bs, block))
-            remap.append((i, new, zlib.crc32(block) if ctx.checksums else 0))
+            if ctx.checksums:
+                data_sums(ctx).set(new, 0, block)
+            remap.append((i, new))
         write_coalesced(ctx.device, writes)
     except BaseException:
         ctx.allocator.unallocate(fresh)
         raise
-    for i, new, crc in remap:
+    for i, new in remap:
         b = first + i
         if relied[i]:
             assert older is not None
@@ -105,18 +105,17 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
             if e.kind in (KIND_ADDR, KIND_HOLE, KIND_ORIGIN):
                 older.set(b, e)  # its block or explicit entry moves down, untouched
             elif i in copy_for:
-                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth, csum=views[i].csum))
+                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth))
             else:  # the view was a hole (or beyond a clone's origin)
                 older.set(b, Entry(KIND_HOLE, 0, views[i].birth))
         elif own[i].kind == KIND_ADDR:  # S's own block, rewritten elsewhere (checksums)
             ctx.allocator.free(own[i].addr)
-        shadow.set(b, Entry(KIND_ADDR, new, sid, csum=crc))
+        shadow.set(b, Entry(KIND_ADDR, new, sid))
 
 
 def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, count: int) -> None:
     """Whole blocks [first, first + count) of snapshot sid read zeros from now on (trim, zero),
     older snapshots keeping what they read."""
-    bs = ctx.block_size
     vol.settle_range(ctx, first, count)  # a snapshot's block may be live's base
     shadow = vol.shadows[sid]
     older_id = vol.older_than(sid)
@@ -128,7 +127,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
     copies = ctx.allocator.allocate_many(len(copies_needed), _room(vol, sid, first, count))
     try:
         for i, c in zip(copies_needed, copies, strict=True):
-            ctx.device.pwrite(read_block(ctx, views[i]), c * bs)
+            copy_block(ctx, views[i], c)
     except BaseException:
         ctx.allocator.unallocate(copies)
         raise
@@ -141,7 +140,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
             if e.kind != KIND_NONE:
                 older.set(b, e)
             else:
-                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth, csum=views[i].csum))
+                older.set(b, Entry(KIND_ADDR, copy_for[i], views[i].birth))
         elif e.kind == KIND_ADDR:
             ctx.allocator.free(e.addr)
         shadow.set(b, Entry(KIND_HOLE, 0, sid))

@@ -73,6 +73,7 @@ class Workload:
     log: list[str] = field(default_factory=list)
     serial: int = 0
     verify: Callable[[], None] | None = None
+    grain: int = 512  # the alignment of the partial writes that defer their merge
 
     def _span(self, max_len: int) -> tuple[int, int]:
         size = self.model.size
@@ -82,8 +83,9 @@ class Workload:
             n = self.rng.randrange(1, min(8, size // bs - first) + 1)
             return first * bs, n * bs
         if self.rng.random() < 0.35:  # whole sectors: partial first writes defer their merge
-            off = self.rng.randrange(0, size // 512) * 512
-            n = self.rng.randrange(1, min(max_len, size - off) // 512 + 1) * 512
+            grain = self.grain  # (with data checksums: whole 4 KiB units)
+            off = self.rng.randrange(0, size // grain) * grain
+            n = self.rng.randrange(1, min(max_len, size - off) // grain + 1) * grain
             return off, n
         off = self.rng.randrange(0, size - 1)
         return off, self.rng.randrange(1, min(max_len, size - off) + 1)

@@ -35,10 +35,14 @@ def assert_checker_clean(path: Path) -> None:
 class EngineTarget:
     """The engine in this process; a crash closes the file without committing."""
 
-    def __init__(self, path: Path, size: int, cow: str) -> None:
+    def __init__(
+        self, path: Path, size: int, cow: str, checksums: bool = False, block_size: int = 4096
+    ) -> None:
         self.path = str(path)
         self.cow = cow
-        self.engine = Engine.open(self.path, create_size=size, block_size=4096, cow=cow)
+        self.engine = Engine.open(
+            self.path, create_size=size, block_size=block_size, cow=cow, checksums=checksums
+        )
 
     def _live(self):  # noqa: ANN202
         return self.engine.open_export("live", False)
@@ -79,12 +83,25 @@ class EngineTarget:
         return bytes(buf)
 
 
-@pytest.mark.parametrize("cow", ["move", "copy"])
+# data checksums on 16 KiB blocks: four checksummed units a block, so 4 KiB writes are partial
+# (deferred copy-on-write with checksums, unit-by-unit verification)
+IN_PROCESS = [("move", False, 4096), ("copy", False, 4096), ("move", True, 16384)]
+
+
+@pytest.mark.parametrize(
+    ("cow", "checksums", "block_size"),
+    IN_PROCESS,
+    ids=[f"{c}{'-csum' if k else ''}-{b >> 10}k" for c, k, b in IN_PROCESS],
+)
 @pytest.mark.parametrize("seed", SEEDS)
-def test_model_in_process(tmp_path: Path, cow: str, seed: int) -> None:
+def test_model_in_process(
+    tmp_path: Path, cow: str, checksums: bool, block_size: int, seed: int
+) -> None:
     size = 1 << 20
-    target = EngineTarget(tmp_path / "pool.img", size, cow)
-    wl = Workload(Model(size, 4096), target, random.Random(seed))
+    target = EngineTarget(tmp_path / "pool.img", size, cow, checksums, block_size)
+    wl = Workload(
+        Model(size, block_size), target, random.Random(seed), grain=4096 if checksums else 512
+    )
     try:
         for i in range(1, 3001):
             wl.step()

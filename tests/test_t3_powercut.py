@@ -102,18 +102,21 @@ class Harness:
     def __init__(
         self, path: Path, seed: int, cow: str, size: int, growable: bool, checksums: bool = False
     ) -> None:
+        # data checksums on 16 KiB blocks: 4 KiB writes are partial, deferred with checksums
+        self.bs = bs = 16384 if checksums else BS
+        self.grain = 4096 if checksums else SECTOR  # what a deferred partial write keeps whole
         self.rec = Recording(seed, cow, size, growable)
         self.rng = random.Random(seed)
         if growable:
             Device.create_image(str(path)).close()
         else:  # a fixed-size "disk": room for live and MAX_SNAPS full snapshots, plus metadata
             with open(path, "wb") as f:
-                f.truncate((MAX_SNAPS + 2) * size + 64 * BS)
+                f.truncate((MAX_SNAPS + 2) * size + 64 * bs)
         self.dev = RecordingDevice(str(path))
         self.dev.lock()
-        pool = Pool.format(self.dev, BS, size, growable, cache_bytes=8 << 20, checksums=checksums)
+        pool = Pool.format(self.dev, bs, size, growable, cache_bytes=8 << 20, checksums=checksums)
         self.engine = Engine(self.dev, pool, cow, 8 << 20)
-        self.model = Model(size, BS)
+        self.model = Model(size, bs)
         self.state = 0
         self.recent: list[tuple[int, int]] = []  # spans written lately
         self.rec.lives[0] = bytes(self.model.live)
@@ -163,16 +166,17 @@ class Harness:
                 a = rng.randrange(off, off + n)
                 off, n = a, rng.randrange(1, off + n - a + 1)
             return off, n
+        bs, grain = self.bs, self.grain
         if rng.random() < 0.4:  # whole blocks
-            first = rng.randrange(0, size // BS)
-            n = rng.randrange(1, min(max_blocks, size // BS - first) + 1)
-            return first * BS, n * BS
-        if rng.random() < 0.4:  # whole sectors: partial first writes defer their merge
-            off = rng.randrange(0, size // SECTOR) * SECTOR
-            n = rng.randrange(1, min(max_blocks * BS, size - off) // SECTOR + 1) * SECTOR
+            first = rng.randrange(0, size // bs)
+            n = rng.randrange(1, min(max_blocks, size // bs - first) + 1)
+            return first * bs, n * bs
+        if rng.random() < 0.4:  # whole sectors (units): partial first writes defer their merge
+            off = rng.randrange(0, size // grain) * grain
+            n = rng.randrange(1, min(max_blocks * bs, size - off) // grain + 1) * grain
             return off, n
         off = rng.randrange(0, size - 1)
-        return off, rng.randrange(1, min(max_blocks * BS, size - off) + 1)
+        return off, rng.randrange(1, min(max_blocks * bs, size - off) + 1)
 
     def _data_op(self, kind: str, off: int, n: int, fua: bool) -> None:
         m = self.model
@@ -196,7 +200,8 @@ class Harness:
             self._new_state(off, bytes(n))
         else:
             m.trim(off, n)
-            a, b = -(-off // BS) * BS, (off + n) // BS * BS
+            bs = self.bs
+            a, b = -(-off // bs) * bs, (off + n) // bs * bs
             self._new_state(a, bytes(max(0, b - a)))
         if fua:
             self.rec.lives[self.state] = bytes(m.live)

@@ -79,8 +79,12 @@ def test_a_damaged_block_is_an_error_and_scrub_names_it(servers, tmp_path: Path)
     for export in ("live", "live@s1"):
         c = srv.connect(export)
         with pytest.raises(nbd.Error) as err:
-            c.pread(4096, 5 * bs + 4096)  # even a part of the block: the whole is verified
+            c.pread(4096, 5 * bs)  # the 4 KiB unit the damage is in
         assert err.value.errno in (5, None) or "Input/output" in str(err.value)
+        with pytest.raises(nbd.Error):
+            c.pread(100, 5 * bs + 1200)  # a few bytes of it: the unit is verified whole
+        # each unit is verified on its own: the block's others read exactly
+        assert c.pread(bs - 4096, 5 * bs + 4096) == data[5 * bs + 4096 : 6 * bs]
         assert c.pread(bs, 4 * bs) == data[4 * bs : 5 * bs]  # the others read fine
         assert c.pread(bs, 6 * bs) == data[6 * bs : 7 * bs]
     assert "failed its checksum" in srv.log()

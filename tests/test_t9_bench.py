@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import REPO, require
 
 sys.path.insert(0, str(REPO / "scripts"))
-from bench import ONE_COPY_ROWS  # noqa: E402
+from bench import CSUM_ROWS, ONE_COPY_ROWS  # noqa: E402
 
 # Which systems each workload applies to: every system for plain I/O, open time and RSS;
 # the snapshot-capable ones for snapshot workloads; dittofs alone for its control-socket calls.
@@ -31,10 +31,7 @@ EXPECTED = {
     "first_seq": SNAP,
     "first_rand": SNAP,
     "first_rand_merge": {"move"},
-    "csum_seq_write": {"move"},
-    "csum_seq_read": {"move"},
-    "csum_rand_write": {"move"},
-    "csum_rand_read": {"move"},
+    **{f"csum_{key}": {"move"} for key in CSUM_ROWS},
     **{f"{key}_1copy": DITTOFS for key in ONE_COPY_ROWS},
     "delete_1g_1copy": DITTOFS,
     "delete_1g": SNAP,

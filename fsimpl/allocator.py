@@ -35,6 +35,7 @@ from .radix import MetaStore, RadixTree
 
 COPY_DISTANCE = 16  # blocks: the least distance between two copies of a metadata block
 _NOT_FULL = re.compile(b"[^\xff]")
+_NOT_EMPTY = re.compile(b"[^\x00]")
 _FULL = (
     "the pool is full: delete snapshots ('snapctl delete') or trim unused space in the "
     "volume to free blocks"
@@ -394,13 +395,18 @@ class Allocator:
             if start >= len(self.busy):
                 break
             n = min(leaf_bytes, len(self.busy) - start)
+            if node.buf[HEADER_SIZE : HEADER_SIZE + n] == self.busy[start : start + n]:
+                continue  # most leaves: nothing changed between the two generations
             was = int.from_bytes(node.buf[HEADER_SIZE : HEADER_SIZE + n], "little")
             extra = was & ~int.from_bytes(self.busy[start : start + n], "little")
+            if not extra:
+                continue
+            # (byte by byte: peeling bits off a leaf-sized integer costs a pass per bit)
+            raw = extra.to_bytes(n, "little")
             base = start * 8
-            while extra:
-                low = extra & -extra
-                blocks.append(base + low.bit_length() - 1)
-                extra ^= low
+            for m in _NOT_EMPTY.finditer(raw):
+                i, v = m.start(), raw[m.start()]
+                blocks.extend(base + i * 8 + bit for bit in range(8) if v >> bit & 1)
         blocks = [b for b in blocks if b < self.capacity]
         for b in blocks:
             self.busy[b >> 3] |= 1 << (b & 7)

@@ -145,7 +145,12 @@ class MetaStore:
             return
         self.healed += 1
         self.heals[bad] = data
-        self.report(f"{why} at block {good}, and rewritten from it at the next commit")
+        if self.device.readonly:  # a check: it looks, it never writes
+            self.report(
+                f"{why} at block {good}; 'snapctl scrub' or 'check --repair' rewrites the bad one"
+            )
+        else:
+            self.report(f"{why} at block {good}, and rewritten from it at the next commit")
 
     def bad_copies(self, ptr: BlockPointer, btype: int) -> list[tuple[int, str]]:
         """(address, what is wrong) for each copy of ptr's node that does not verify, read

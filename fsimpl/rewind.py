@@ -86,16 +86,17 @@ def generations(device: Device, deep: bool = True) -> list[Generation]:
     out: list[Generation] = []
     for i, entry in enumerate([root_entry(newest), *unpack_ring(newest)]):
         status = "newest" if i == 0 else "whole" if i <= DEFER_GENERATIONS else "verified"
+        pool: Pool | None = None
         try:
             pool = _open_at(device, newest if i == 0 else state_at(newest, entry))
             problem = _verify_walk(pool) if status == "verified" and deep else ""
         except DittoError as e:
             problem = str(e)
-        if status == "verified" and not deep:
-            status, problem = "unverified", ""
+        if status == "verified" and not deep and pool is not None:
+            status = "unverified"  # it opens; the walk is left for when it is chosen
         if problem:
             status = "unusable"
-        elif pool.read_only_reason:
+        elif pool is not None and pool.read_only_reason:
             status, problem = "degraded", pool.read_only_reason
         detail = {
             "newest": "the state a normal open serves",
@@ -122,10 +123,15 @@ def rewind(device: Device, generation: int) -> tuple[Pool, dict[str, object]]:
     its newest state. Returns the pool and what was discarded."""
     newest, _ = read_superblocks(device, strict=False)
     if newest.rewound_to == generation and newest.generation >= newest.rewound_at:
+        since = (
+            "and nothing was committed since"
+            if newest.generation == newest.rewound_at
+            else f"and has moved on to generation {newest.generation}"
+        )
         raise Refused(
             f"{device.path} was already rewound to generation {generation} (that rewind "
-            f"committed generation {newest.rewound_at}) and has moved on to generation "
-            f"{newest.generation}: open it without rewind"
+            f"committed generation {newest.rewound_at}) {since}: a rewind happens once; open "
+            "it without rewind"
         )
     if generation >= newest.generation:
         raise InvalidArgument(

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from support.data import pattern
 from support.history import REWOUND, build, exports, same_as_at
-from support.logcheck import BAD_METADATA
+from support.logcheck import BAD_METADATA, HEALED_COPY
 from t8_helpers import metadata_blocks
 
 from fsimpl import layout as L
@@ -136,3 +136,31 @@ def test_a_rewind_happens_once(tmp_path: Path) -> None:
         assert bytes(buf) == pattern(99, BS)
     finally:
         eng.close()
+
+
+# (listing opens the ring's older generations, whose blocks were reused: their reads are
+# logged, served from a second copy not yet reused)
+@pytest.mark.engine_log(BAD_METADATA, HEALED_COPY, r"should be a")
+def test_a_root_every_generation_shares_lost_is_a_clean_refusal(tmp_path: Path) -> None:
+    """Commits that left the inode table alone share its root block with the generations
+    before them: losing both its copies makes every one of them unusable. The listing says
+    so, and the open's refusal (which looks for the newest usable generation, without the
+    deep walk) is a clean error: nothing crashes, nothing is written."""
+    path = tmp_path / "pool.img"
+    eng = Engine.open(str(path), create_size=1 << 20, block_size=BS, claim=False)
+    eng.write(eng.open_export("live", False), memoryview(pattern(1, BS)), 0)
+    eng.flush()
+    for i in range(6):  # commits of the superblock alone: every one shares the tables
+        eng.tune(snapshot_min_free=(i + 1) * BS)
+    root = eng.pool.inodes.root
+    eng.close()
+    with open(path, "r+b") as f:
+        for addr in (root.addr0, root.addr1):
+            f.seek(addr * BS)
+            f.write(bytes(BS))
+    before = path.read_bytes()
+    listed = Engine.rewind_list(str(path))
+    assert {g["status"] for g in listed[:6]} == {"unusable"}, listed  # the tune commits
+    with pytest.raises(CorruptMetadata, match=f"metadata block {root.addr0}"):
+        Engine.open(str(path), claim=False)
+    assert path.read_bytes() == before

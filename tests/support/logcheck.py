@@ -106,7 +106,11 @@ READ_ONLY_POOL = r"the pool is read-only: metadata it needs for writing is damag
 # a degraded pool refuses an export it cannot read exactly, or whose name its damage lost
 CANNOT_READ_EXACTLY = r"cannot be (read exactly|named): "
 BAD_METADATA = r"metadata block \d+ \([^)]*\) (failed its checksum|claims address)"
-HEALED_COPY = r"at block \d+, and rewritten from it at the next commit"  # a bad copy, healed
+# a bad copy found beside a good twin (rewritten, or in a read-only check left for scrub)
+HEALED_COPY = (
+    r"at block \d+(, and rewritten from it at the next commit"
+    r"|; 'snapctl scrub' or 'check --repair' rewrites the bad one)"
+)
 POOL_SPANS_MORE = r"is \d+ bytes but its pool spans \d+"
 NOT_A_POOL = r"holds no dittofs pool"
 IN_USE = r"is in use by process \d+"

@@ -59,14 +59,16 @@ class DataSums:
         node.count = 1  # a leaf is never emptied: a stale record is harmless
         self.dirty_maps.add(self)
 
-    def poison(self, addr: int) -> None:
-        """Every unit of block addr fails from now on (data known bad: an upgrade found it
-        failing its old checksum), so no read serves it unverified."""
-        leaf_no, at = self._where(addr, 0)
+    def poison(self, addr: int, offset: int = 0, length: int | None = None) -> None:
+        """The units [offset, offset + length) of block addr (all by default) fail from now
+        on: data known bad (an upgrade found it failing its old checksum, a copy took a
+        damaged unit), so no read serves it unverified. Call after set() for those units."""
+        length = self.block_size - offset if length is None else length
+        leaf_no, at = self._where(addr, offset // SUM_UNIT)
         node = self.tree.leaf_for_write(leaf_no)
-        for i in range(self.units):
-            off = at + i * SUM_SIZE
+        for off in range(at, at + length // SUM_UNIT * SUM_SIZE, SUM_SIZE):
             node.buf[off : off + SUM_SIZE] = bytes(b ^ 0xFF for b in node.buf[off : off + SUM_SIZE])
+        node.count = 1
         self.dirty_maps.add(self)
 
     def copy(self, src: int, dst: int) -> None:

@@ -35,6 +35,7 @@ keeps birth <= latest, so it is never overwritten in place before it is committe
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -56,6 +57,8 @@ from .layout import (
     Entry,
     InodeRecord,
 )
+
+log = logging.getLogger("dittofs")
 
 COW_MOVE = "move"
 COW_COPY = "copy"
@@ -327,11 +330,7 @@ class Volume:
         base = Entry(KIND_ADDR, e.base)
         for a, z in ((0, lo), (hi, bs)):
             if a < z:
-                gap = bytearray(z - a)
-                read_for_merge(ctx, base, memoryview(gap), a)
-                ctx.device.pwrite(gap, e.addr * bs + a)
-                if ctx.checksums:
-                    data_sums(ctx).set(e.addr, a, gap)
+                copy_units(ctx, base, e.addr, a, z)
         done = Entry(KIND_ADDR, e.addr, e.birth)
         self.live.set(b, done)
         return done
@@ -689,11 +688,32 @@ def read_for_merge(ctx: DataContext, e: Entry, out: memoryview, start: int) -> N
 
 
 def copy_block(ctx: DataContext, e: Entry, dst: int) -> None:
-    """Block dst takes a copy of what the ADDR entry e reads (with its checksums)."""
-    data = read_checked(ctx, e)
-    ctx.device.pwrite(data, dst * ctx.block_size)
-    if ctx.checksums:
-        data_sums(ctx).set(dst, 0, data)
+    """Block dst takes a copy of what the ADDR entry e reads (see copy_units)."""
+    copy_units(ctx, e, dst, 0, ctx.block_size)
+
+
+def copy_units(ctx: DataContext, src: Entry, dst: int, a: int, z: int) -> None:
+    """Bytes [a, z) of what the ADDR entry src reads, written at the same place in block dst,
+    with their checksums. A damaged unit is copied as it is and its checksum poisoned in dst,
+    so its reads keep failing: the background work that copies (merges, a clone's flatten, a
+    writable snapshot's copies for older ones) never stops at damage, and never launders it."""
+    bs = ctx.block_size
+    buf = bytearray(z - a)
+    read_view_into(ctx, src, memoryview(buf), a)
+    ctx.device.pwrite(buf, dst * bs + a)
+    if not ctx.checksums:
+        return
+    sums = data_sums(ctx)
+    sums.set(dst, a, buf)
+    lo, hi = src.valid_lo * SECTOR, src.valid_hi * SECTOR
+    for u in range(a, z, SUM_UNIT):
+        home = src.addr if not src.incomplete or lo <= u < hi else src.base
+        try:
+            sums.verify(home, u, memoryview(buf)[u - a : u - a + SUM_UNIT])
+        except CorruptData as e:
+            ctx.device.stats.checksum_errors += 1
+            sums.poison(dst, u, SUM_UNIT)
+            log.warning("%s; copied to block %d with its damage marked", e, dst)
 
 
 def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:

@@ -4,8 +4,9 @@ A pool with data checksums keeps a CRC-32 of every 4 KiB of every data block by 
 (fsimpl/datasums.py). A 4 KiB read verifies its own 4 KiB; one damaged unit fails the reads
 that touch it and no other; the first partial write after a snapshot defers its copy-on-write
 (the new block holds only the written units, with their checksums) and reads exactly through
-crashes; clones, flatten and writable snapshots keep every copy's checksums; scrub and check
-find everything clean, or name the damaged block.
+crashes; clones, flatten and writable snapshots keep every copy's checksums; a merge over a
+damaged unit goes on and keeps that unit failing; scrub and check find everything clean, or
+name the damaged block.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ def check_clean(path: Path) -> None:
     assert report.clean, [d.message for d in report.defects[:3]]
 
 
+@pytest.mark.engine_log(r"failed its checksum in bytes")
 def test_a_4k_read_verifies_its_own_4k_and_damage_stays_in_its_unit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -99,6 +101,7 @@ def test_a_4k_read_verifies_its_own_4k_and_damage_stays_in_its_unit(
         eng.close()
 
 
+@pytest.mark.engine_log(r"failed its checksum in bytes", r"with its damage marked")
 def test_first_write_after_a_snapshot_defers_with_checksums(tmp_path: Path) -> None:
     path = tmp_path / "pool.img"
     eng = open_pool(path)
@@ -132,10 +135,21 @@ def test_first_write_after_a_snapshot_defers_with_checksums(tmp_path: Path) -> N
             read(eng, "live", 7 * UNIT, UNIT)
         assert read(eng, "live", 3 * UNIT, 2 * UNIT) == new
         vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
-        with pytest.raises(CorruptData):  # a merge never gives damaged bytes a fresh checksum
-            vol.settle(eng.pool.ctx, 0)
+        vol.settle(eng.pool.ctx, 0)  # the merge goes on: it never stops at damage...
+        assert not vol.live.get(0).incomplete
+        with pytest.raises(CorruptData):  # ...and never gives damaged bytes a fresh checksum
+            read(eng, "live", 7 * UNIT, UNIT)
+        assert read(eng, "live", 0, 7 * UNIT) == want[: 7 * UNIT]
+        assert read(eng, "live", 8 * UNIT, BS - 8 * UNIT) == want[8 * UNIT : BS]
+        eng.flush()
     finally:
         eng.device.close()
+    eng = open_pool(path)
+    try:
+        with pytest.raises(CorruptData):  # committed so: still failing after a restart
+            read(eng, "live", 7 * UNIT, UNIT)
+    finally:
+        eng.close()
 
 
 def test_clone_flatten_and_writable_snapshot_keep_checksums(tmp_path: Path) -> None:

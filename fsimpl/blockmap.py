@@ -35,8 +35,9 @@ class BlockMap:
         self.version = 0  # bumped on every change: keys caches derived from the entries
         self.index: ChainIndex | None = None  # a shadow map's volume's index, kept exact here
         self.capacity = map_leaf_capacity(store.block_size)
-        root = BlockPointer(inode.root, inode.root1, inode.root_gen, inode.root_csum)
-        self.tree = RadixTree(store, inode.ino, BT_MAP_LEAF, self.capacity, root, inode.height)
+        self.tree = RadixTree(
+            store, inode.ino, BT_MAP_LEAF, self.capacity, inode_root(inode), inode.height
+        )
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -147,14 +148,23 @@ class BlockMap:
         return self.inode.entry_count == 0
 
     def commit(self) -> None:
-        self.tree.commit()
-        inode, root = self.inode, self.tree.root
-        inode.root, inode.root1, inode.root_gen, inode.root_csum = root
-        inode.height = self.tree.height
+        commit_inode_tree(self.tree, self.inode)
 
     @property
     def dirty(self) -> bool:
         return self.tree.is_dirty
+
+
+def inode_root(inode: InodeRecord) -> BlockPointer:
+    """The pointer to the root of an inode's tree (a block map, or the data checksums)."""
+    return BlockPointer(inode.root, inode.root1, inode.root_gen, inode.root_csum)
+
+
+def commit_inode_tree(tree: RadixTree, inode: InodeRecord) -> None:
+    """Write an inode's dirty tree; its record then points at the new root."""
+    tree.commit()
+    inode.root, inode.root1, inode.root_gen, inode.root_csum = tree.root
+    inode.height = tree.height
 
 
 def set_bits(mask: int) -> Iterator[int]:

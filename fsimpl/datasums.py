@@ -18,13 +18,13 @@ import struct
 import zlib
 from typing import Any
 
+from .blockmap import commit_inode_tree, inode_root
 from .errors import CorruptData
 from .layout import (
     BT_SUMS_LEAF,
     HEADER_SIZE,
     SUM_SIZE,
     SUM_UNIT,
-    BlockPointer,
     InodeRecord,
     sum_units,
     sums_leaf_capacity,
@@ -40,8 +40,9 @@ class DataSums:
         self.units = sum_units(store.block_size)
         self.record = SUM_SIZE * self.units
         self.capacity = sums_leaf_capacity(store.block_size)
-        root = BlockPointer(inode.root, inode.root1, inode.root_gen, inode.root_csum)
-        self.tree = RadixTree(store, inode.ino, BT_SUMS_LEAF, self.capacity, root, inode.height)
+        self.tree = RadixTree(
+            store, inode.ino, BT_SUMS_LEAF, self.capacity, inode_root(inode), inode.height
+        )
 
     def _where(self, addr: int, unit: int) -> tuple[int, int]:
         leaf_no, index = divmod(addr, self.capacity)
@@ -102,10 +103,7 @@ class DataSums:
                 )
 
     def commit(self) -> None:
-        self.tree.commit()
-        inode, root = self.inode, self.tree.root
-        inode.root, inode.root1, inode.root_gen, inode.root_csum = root
-        inode.height = self.tree.height
+        commit_inode_tree(self.tree, self.inode)
 
     @property
     def dirty(self) -> bool:

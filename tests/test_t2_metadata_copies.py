@@ -12,11 +12,10 @@ clean error and everything else is served exactly.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
-from support.damage import BS, DAMAGES, build, damage, exports, put, raw
+from support.damage import BS, DAMAGES, build, check, damage, exports, put, raw
 from support.logcheck import BAD_METADATA, HEALED_COPY
 from t8_helpers import MetaBlock, metadata_blocks
 
@@ -89,14 +88,6 @@ def test_every_block_damaged_in_its_first_copy_is_healed(tmp_path: Path, how: st
     assert healed == len(blocks)
 
 
-def check(path: Path) -> checker.CheckReport:
-    dev = Device(str(path), readonly=True)
-    try:
-        return checker.check(dev)
-    finally:
-        dev.close()
-
-
 @pytest.mark.engine_log(HEALED_COPY, BAD_METADATA)
 @pytest.mark.parametrize("copy", [0, 1])
 def test_scrub_heals_every_bad_copy_and_repair_does_too(tmp_path: Path, copy: int) -> None:
@@ -155,19 +146,7 @@ def test_both_copies_damaged_is_a_clean_error_and_the_rest_is_served(tmp_path: P
         ex = eng.open_export("vol2", True)
         with pytest.raises(CorruptMetadata, match="both copies"):
             eng.read(ex, memoryview(bytearray(BS)), leaf.first_key * BS)
-        got = exports_except(eng, "vol2")  # vol2's snapshots read through its live map too
+        got = exports(eng, skip="vol2")  # vol2's snapshots read through its live map too
         assert got == {k: v for k, v in want.items() if k.split("@")[0] != "vol2"}
     finally:
         eng.device.close()
-
-
-def exports_except(eng: Engine, skip: str) -> dict[str, str]:
-    out = {}
-    for name, _ in eng.export_names():
-        if name.endswith("@latest") or name.split("@")[0] == skip:
-            continue
-        ex = eng.open_export(name, True)
-        buf = bytearray(ex.size)
-        eng.read(ex, memoryview(buf), 0)
-        out[name] = hashlib.sha256(buf).hexdigest()
-    return out

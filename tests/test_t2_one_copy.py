@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 
 import pytest
-from support.damage import BS, DAMAGES, build, damage
+from support.damage import BS, DAMAGES, build, check, damage
 from support.logcheck import (
     BAD_METADATA,
     CANNOT_READ_EXACTLY,
@@ -55,14 +55,6 @@ def pieces(eng: Engine, names: list[str]) -> dict[str, list[str | None]]:
             got.append(hashlib.sha256(buf).hexdigest())
         out[name] = got
     return out
-
-
-def check(path: Path) -> checker.CheckReport:
-    dev = Device(str(path), readonly=True)
-    try:
-        return checker.check(dev)
-    finally:
-        dev.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,12 @@ from pathlib import Path
 
 from t8_helpers import MetaBlock
 
+from fsimpl import checker
 from fsimpl import layout as L
+from fsimpl.device import Device
 from fsimpl.engine import Engine
 
+from . import history
 from .data import pattern
 
 DAMAGES = ["flipped", "zeroed", "older-version", "misdirected"]
@@ -50,16 +53,20 @@ def build(path: Path, copies: int) -> dict[str, str]:
     return sums
 
 
-def exports(eng: Engine) -> dict[str, str]:
-    out = {}
-    for name, _ in eng.export_names():
-        if name.endswith("@latest"):
-            continue
-        ex = eng.open_export(name, True)
-        buf = bytearray(ex.size)
-        eng.read(ex, memoryview(buf), 0)
-        out[name] = hashlib.sha256(buf).hexdigest()
-    return out
+def exports(eng: Engine, skip: str | None = None) -> dict[str, str]:
+    """The sha256 of every export (but those of volume `skip`)."""
+    return {
+        name: hashlib.sha256(data).hexdigest() for name, data in history.exports(eng, skip).items()
+    }
+
+
+def check(path: Path) -> checker.CheckReport:
+    """The checker on the pool at path, opened read-only."""
+    dev = Device(str(path), readonly=True)
+    try:
+        return checker.check(dev)
+    finally:
+        dev.close()
 
 
 def raw(path: Path, block: int) -> bytearray:

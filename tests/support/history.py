@@ -15,10 +15,11 @@ BS = 4096
 REWOUND = r"rewind=\d+: opened at generation"
 
 
-def exports(eng: Engine) -> dict[str, bytes]:
+def exports(eng: Engine, skip: str | None = None) -> dict[str, bytes]:
+    """What every export reads (but those of volume `skip`), live@latest aside."""
     out = {}
     for name, _ in eng.export_names():
-        if name.endswith("@latest"):
+        if name.endswith("@latest") or name.split("@")[0] == skip:
             continue
         ex = eng.open_export(name, True)
         buf = bytearray(ex.size)

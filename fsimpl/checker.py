@@ -382,8 +382,9 @@ class _Walker:
                 entries += 1
                 where = f"volume {vol.name} block {b}"
                 if e.kind == KIND_ADDR:
-                    owned += 1
-                    self._own(e.addr, where)
+                    for blk in e.blocks:  # its block, and a base it owns
+                        owned += 1
+                        self._own(blk, where)
                     if e.incomplete:
                         incomplete.append((b, e))
                 elif e.kind not in (KIND_NONE, KIND_HOLE):  # HOLE: a trimmed block of a clone
@@ -458,7 +459,8 @@ class _Walker:
 
     def _check_incomplete(self, vol: Volume, incomplete: list[tuple[int, Entry]]) -> None:
         """A deferred merge's block: a valid range that is a proper part of the block, and a
-        base that a snapshot of the same volume owns at the same block number."""
+        base that a snapshot of the same volume owns at the same block number, or that the
+        entry owns itself (ENTRY_OWN_BASE: counted with its owner above)."""
         sectors = self.pool.block_size // SECTOR
         for b, e in incomplete:
             where = f"volume {vol.name} block {b}"
@@ -470,7 +472,9 @@ class _Walker:
                     f"incomplete block with valid sectors [{e.valid_lo}, {e.valid_hi}), not "
                     "whole 4 KiB units in a pool with data checksums"
                 )
-            elif not any(
+            elif e.owns_base and not self.pool.ctx.checksums:
+                problem = "incomplete block owning its base in a pool without data checksums"
+            elif not e.owns_base and not any(
                 o.kind == KIND_ADDR and o.addr == e.base
                 for o in (vol.shadows[s].get(b) for s in vol.chain)
             ):

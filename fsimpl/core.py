@@ -29,6 +29,7 @@ from .layout import (
     DEFER_GENERATIONS,
     OP_DELETE,
     OP_FLATTEN,
+    OP_NONE,
     OP_RECEIVE,
     OP_ROLLBACK,
     ROLE_STANDBY,
@@ -170,11 +171,27 @@ class EngineCore:
             self.commit()
 
     def make_room(self) -> bool:
-        """Short of space: commit until the frees waiting in the deferral window are reusable
-        (this gives up the rewind window, which is what space pressure must take first).
-        False when there was nothing to wait for."""
+        """Short of space: merge the incomplete blocks that hold a base of their own, then
+        commit until the frees waiting in the deferral window are reusable (this gives up the
+        rewind window, which is what space pressure must take first). False when there was
+        nothing to give back."""
         alloc = self.pool.allocator
-        if not alloc.waiting and not self.pool.is_dirty:
+        settled = 0
+        for vol in self.pool.volumes.values():
+            if vol.inode.op != OP_NONE:
+                continue
+            # partial overwrites that kept live's old block as their base give it back, in
+            # steps a commit on a full pool has room for
+            todo = vol.own_base_blocks()
+            while todo:
+                stop = self.step_budget()
+                while todo:
+                    vol.settle(self.pool.ctx, todo.pop())
+                    settled += 1
+                    if stop():
+                        break
+                self.commit()
+        if not settled and not alloc.waiting and not self.pool.is_dirty:
             return False
         for _ in range(DEFER_GENERATIONS + 1):
             if not self.pool.allocator.waiting and not self.pool.is_dirty:

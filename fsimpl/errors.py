@@ -52,6 +52,12 @@ class UnsupportedFormat(DittoError):
     code = "unsupported_format"
 
 
+class MissingDependency(DittoError):
+    """The pool needs a package this machine lacks (the message names it)."""
+
+    code = "missing_dependency"
+
+
 class PoolTruncated(DittoError):
     """The disk is smaller than the pool recorded on it."""
 
@@ -218,6 +224,7 @@ ERRORS_BY_CODE: dict[str, type[DittoError]] = {
         DittoError,
         NotAPool,
         UnsupportedFormat,
+        MissingDependency,
         PoolTruncated,
         CorruptMetadata,
         CorruptData,

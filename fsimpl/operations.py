@@ -204,8 +204,9 @@ def _hello(c: Call) -> Any:
     "the pool",
     result="`disk`, `format_version`, `pool_guid`, `block_size`, `capacity_bytes`, `growable`, "
     "`used_bytes`, `free_bytes`, `deferred_free_bytes` (freed, reusable after the deferral "
-    "window of two commits), `host_allocated_bytes`, `generation`, `volumes` "
-    "(`{name, size_bytes, allocated_bytes, snapshots, connections}`), `snapshot_count`, "
+    "window of two commits), `host_allocated_bytes`, `generation`, `volumes` (`{name, "
+    "size_bytes, allocated_bytes, unmerged_blocks, snapshots, connections}`: unmerged_blocks "
+    "are partial writes whose merge idle time will do), `snapshot_count`, "
     "`newest_snapshot`, `pending_deletes`, `role`, `peer`, `last_common`, `superseded`, `cow`, "
     "`snapshot_min_free`, `server_pid`, `errors` (`{read, write, checksum, failed_commits, "
     "healed}` since the pool was opened), `metadata_copies`, `read_only_reason` (null, or why a "

@@ -38,6 +38,8 @@ class PoolOps(OperationModule):
                         "name": v.name,
                         "size_bytes": v.inode.size,
                         "allocated_bytes": v.inode.owned_blocks * bs,
+                        # partial writes whose merge is still to come (idle time does it)
+                        "unmerged_blocks": v.live.inode.incomplete_blocks,
                         "snapshots": sum(
                             1 for s in v.chain if pool.snapshots[s].state == SNAP_ACTIVE
                         ),

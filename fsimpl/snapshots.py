@@ -57,8 +57,8 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
     for leaf_no in list(shadow.leaf_numbers()):
         for b, e in list(shadow.entries_in(leaf_no * cap, cap)):
             cur = live.get(b)
-            if cur.kind == KIND_ADDR:
-                ctx.allocator.free(cur.addr)
+            for blk in cur.blocks:  # (a base live owns goes too; a snapshot's base is S's)
+                ctx.allocator.free(blk)
             # the entry kept the data's birth in live, so sharing with every older snapshot
             # is exact again
             if e.kind == KIND_ADDR:
@@ -152,8 +152,8 @@ def free_map_step(ctx: DataContext, m: BlockMap, stop: Callable[[], bool]) -> bo
     cap = m.capacity
     for leaf_no in list(m.leaf_numbers()):
         for _, e in list(m.entries_in(leaf_no * cap, cap)):
-            if e.kind == KIND_ADDR:
-                ctx.allocator.free(e.addr)
+            for blk in e.blocks:
+                ctx.allocator.free(blk)
         m.detach_leaf(leaf_no)
         if stop():
             return m.is_empty()

@@ -41,6 +41,7 @@ from .layout import (
     DEFAULT_METADATA_COPIES,
     DEFER_GENERATIONS,
     FEATURE_DATA_CHECKSUMS,
+    FEATURE_SUMS_XXH3,
     FORMAT_VERSION,
     INODE_CHECKSUMS,
     INODE_SHADOW,
@@ -320,7 +321,7 @@ class Pool:
             pool_guid=uuid.uuid4().bytes,
             created_ns=time.time_ns(),
             growable=growable,
-            features=FEATURE_DATA_CHECKSUMS if checksums else 0,
+            features=FEATURE_DATA_CHECKSUMS | FEATURE_SUMS_XXH3 if checksums else 0,
             reserve_blocks=0 if growable else _reserve(capacity),
             metadata_copies=metadata_copies,
         )
@@ -364,7 +365,8 @@ class Pool:
             elif rec.kind == INODE_SHADOW:
                 shadows.append(rec)
             elif rec.kind == INODE_CHECKSUMS:
-                self.ctx.sums = DataSums(self.store, rec, self.dirty_maps)
+                xxh3 = bool(sb.features & FEATURE_SUMS_XXH3)
+                self.ctx.sums = DataSums(self.store, rec, self.dirty_maps, xxh3)
         for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
         tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
@@ -468,7 +470,8 @@ class Pool:
         """The checksum inode of a pool with data checksums (format, upgrade)."""
         ino = self._new_ino()
         rec = InodeRecord(kind=INODE_CHECKSUMS, ino=ino, volume_ino=ino, created_ns=time.time_ns())
-        self.ctx.sums = DataSums(self.store, rec, self.dirty_maps)
+        self.sb.features |= FEATURE_SUMS_XXH3
+        self.ctx.sums = DataSums(self.store, rec, self.dirty_maps, xxh3=True)
         self.touch_inode(rec)
         return self.ctx.sums
 

@@ -48,6 +48,7 @@ from .errors import CorruptData, CorruptMetadata, DittoError
 from .layout import (
     EMPTY_ENTRY,
     ENTRY_INCOMPLETE,
+    ENTRY_OWN_BASE,
     KIND_ADDR,
     KIND_HOLE,
     KIND_NONE,
@@ -246,18 +247,37 @@ class Volume:
     def _read_verified(
         self, ctx: DataContext, entries: list[Entry], first: int, out: memoryview, offset: int
     ) -> None:
-        """Read block by block, each 4 KiB unit read verified against its checksum."""
+        """Every 4 KiB unit read verified against its checksum; complete blocks consecutive on
+        disk are read and verified as one run."""
         bs = ctx.block_size
+        sums = data_sums(ctx)
         pos = 0
+        # the run so far: run_len bytes from byte run_start of block run_addr, for out[run_pos:]
+        run_addr = run_start = run_pos = run_len = 0
         for i, e in enumerate(entries):
             b = first + i
             start = offset + pos - b * bs
             n = min(bs - start, len(out) - pos)
-            if e.kind == KIND_ADDR:
+            if e.kind == KIND_ADDR and not e.flags:
+                if (
+                    run_len
+                    and run_addr * bs + run_start + run_len == e.addr * bs + start
+                    and run_pos + run_len == pos
+                ):
+                    run_len += n
+                else:
+                    if run_len:
+                        read_units_verified(
+                            ctx, sums, run_addr, run_start, out[run_pos : run_pos + run_len]
+                        )
+                    run_addr, run_start, run_pos, run_len = e.addr, start, pos, n
+            elif e.kind == KIND_ADDR:
                 read_verified_into(ctx, e, out[pos : pos + n], start)
             else:
                 out[pos : pos + n] = bytes(n)
             pos += n
+        if run_len:
+            read_units_verified(ctx, sums, run_addr, run_start, out[run_pos : run_pos + run_len])
 
     def extents(
         self, snap_id: int | None, offset: int, length: int, block_size: int
@@ -333,6 +353,8 @@ class Volume:
                 copy_units(ctx, base, e.addr, a, z)
         done = Entry(KIND_ADDR, e.addr, e.birth)
         self.live.set(b, done)
+        if e.owns_base:
+            ctx.allocator.free(e.base)  # deferred: the committed entry may still read it
         return done
 
     def settle_base(self, ctx: DataContext, b: int, addr: int) -> None:
@@ -351,6 +373,12 @@ class Volume:
         for b, e in self.live.entries_in(first, count):
             if e.incomplete:
                 self.settle(ctx, b)
+
+    def own_base_blocks(self) -> list[int]:
+        """Live's incomplete blocks that own their base: each merge (settle) frees a block."""
+        if not self.live.inode.incomplete_blocks:
+            return []
+        return [b for b, e in self.live.iter_entries() if e.owns_base]
 
     def find_incomplete(self, stop: Callable[[], bool]) -> None:
         """Scan live's map for incomplete blocks an earlier run left (its inode counts them),
@@ -404,15 +432,19 @@ class Volume:
         aligned = offset % grain == 0 and len(data) % grain == 0
         if first == last:
             e = self.live.get(first)
-            if e.kind == KIND_ADDR and not e.flags:
+            if e.kind == KIND_ADDR:
                 start = offset - first * bs
                 owned = not (latest and e.birth <= latest)
-                if owned and not ctx.checksums:
+                if owned and not ctx.checksums and not e.flags:
                     # live owns the block outright: the common small overwrite, in place
                     ctx.device.pwrite(data, e.addr * bs + start)
                     return
+                if owned and ctx.checksums and defer and aligned and len(data) < bs:
+                    self._overwrite_units(ctx, first, e, data, start)
+                    return
                 if (
                     not owned
+                    and not e.flags
                     and defer
                     and cow == COW_MOVE
                     and aligned
@@ -494,8 +526,9 @@ class Volume:
         for b, e, was_shared, now in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
-            elif e.kind == KIND_ADDR:  # live's own block, rewritten elsewhere (checksums)
-                ctx.allocator.free(e.addr)
+            else:  # live's own block, rewritten elsewhere (checksums)
+                for blk in e.blocks:
+                    ctx.allocator.free(blk)
             self.live.set(b, now)
             if now.incomplete:
                 self.incomplete.add(b)
@@ -529,6 +562,49 @@ class Volume:
         )
         self.incomplete.add(b)
         return True
+
+    def _overwrite_units(
+        self, ctx: DataContext, b: int, e: Entry, data: memoryview, start: int
+    ) -> None:
+        """With data checksums, whole 4 KiB units written into part of a block live owns
+        outright. Units no committed entry reads are written where they belong (the free part
+        of an incomplete block, the gap to its valid range copied from the base); otherwise the
+        block becomes incomplete: the new units in a new block, the rest still read from the
+        old one, which the entry owns (ENTRY_OWN_BASE) until a merge frees it. So a 4 KiB
+        write costs 4 KiB, not a block, and no committed byte is ever rewritten in place."""
+        bs = ctx.block_size
+        end = start + len(data)
+        sums = data_sums(ctx)
+        if e.incomplete:
+            lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+            if start < hi and lo < end:  # rewrites units the committed entry may read
+                e = self.settle(ctx, b)
+            else:
+                ctx.device.pwrite(data, e.addr * bs + start)
+                sums.set(e.addr, start, data)
+                gap = (end, lo) if end < lo else (hi, start) if start > hi else None
+                if gap is not None:
+                    copy_units(ctx, Entry(KIND_ADDR, e.base), e.addr, *gap)
+                lo, hi = min(lo, start), max(hi, end)
+                if lo == 0 and hi == bs:
+                    self.live.set(b, Entry(KIND_ADDR, e.addr, e.birth))
+                    self.incomplete.discard(b)
+                    if e.owns_base:
+                        ctx.allocator.free(e.base)
+                else:
+                    self.live.set(b, e._replace(valid_lo=lo // SECTOR, valid_hi=hi // SECTOR))
+                return
+        new = ctx.allocator.allocate_many(1, self._headroom(b, b))[0]
+        try:
+            ctx.device.pwrite(data, new * bs + start)
+        except BaseException:
+            ctx.allocator.unallocate([new])
+            raise
+        sums.set(new, start, data)
+        flags = ENTRY_INCOMPLETE | ENTRY_OWN_BASE
+        lo, hi = start // SECTOR, end // SECTOR
+        self.live.set(b, Entry(KIND_ADDR, new, ctx.birth(), flags, lo, hi, base=e.addr))
+        self.incomplete.add(b)
 
     def _preserve_by_copy(self, ctx: DataContext, first: int, last: int) -> None:
         """FIG. 13A for every shared block in [first, last]: copy it aside for the latest
@@ -589,8 +665,8 @@ class Volume:
                 live.set(b, Entry(zero_kind, 0, birth))
                 continue
             self.incomplete.discard(b)
-            if e.kind == KIND_ADDR:
-                ctx.allocator.free(e.addr)
+            for blk in e.blocks:  # (a base live owns goes with it; a snapshot's stays)
+                ctx.allocator.free(blk)
             if latest == 0 and not clone:
                 live.clear(b)
             else:  # keep the birth: it still says whether b changed since the latest snapshot
@@ -630,35 +706,38 @@ def read_verified_into(ctx: DataContext, e: Entry, out: memoryview, start: int) 
     wrong data, an error naming the block and the bytes instead. An incomplete entry's valid
     range is whole units of its own block, the rest is its base's."""
     sums = data_sums(ctx)
-    bs = ctx.block_size
+    if not e.flags & ENTRY_INCOMPLETE:
+        read_units_verified(ctx, sums, e.addr, start, out)
+        return
     end = start + len(out)
-    if e.flags & ENTRY_INCOMPLETE:
-        lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
-        pieces: tuple[tuple[int, int, int], ...] = (
-            (start, lo, e.base),
-            (lo, hi, e.addr),
-            (hi, end, e.base),
-        )
-    else:
-        pieces = ((start, end, e.addr),)
-    for a, z, addr in pieces:
+    lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
+    for a, z, addr in ((start, lo, e.base), (lo, hi, e.addr), (hi, end, e.base)):
         a, z = max(a, start), min(z, end)
-        if a >= z:
-            continue
-        ua, uz = a - a % SUM_UNIT, -(-z // SUM_UNIT) * SUM_UNIT
-        target = out[a - start : z - start]
-        if ua == a and uz == z:  # whole units: straight into the caller's buffer
-            ctx.device.pread_into(target, addr * bs + a)
-            units: bytes | bytearray | memoryview = target
-        else:
-            units = ctx.device.pread(uz - ua, addr * bs + ua)
-        try:
-            sums.verify(addr, ua, units)
-        except CorruptData:
-            ctx.device.stats.checksum_errors += 1
-            raise
-        if units is not target:
-            target[:] = memoryview(units)[a - ua : z - ua]
+        if a < z:
+            read_units_verified(ctx, sums, addr, a, out[a - start : z - start])
+
+
+def read_units_verified(
+    ctx: DataContext, sums: DataSums, addr: int, start: int, target: memoryview
+) -> None:
+    """Bytes from byte start of block addr on into target (running on into the next blocks
+    when it is longer: a run of consecutive blocks, read and verified as one), every 4 KiB
+    unit they touch verified."""
+    bs = ctx.block_size
+    end = start + len(target)
+    ua, uz = start - start % SUM_UNIT, -(-end // SUM_UNIT) * SUM_UNIT
+    if ua == start and uz == end:  # whole units: straight into the caller's buffer
+        ctx.device.pread_into(target, addr * bs + start)
+        units: bytes | bytearray | memoryview = target
+    else:
+        units = ctx.device.pread(uz - ua, addr * bs + ua)
+    try:
+        sums.verify(addr, ua, units)
+    except CorruptData:
+        ctx.device.stats.checksum_errors += 1
+        raise
+    if units is not target:
+        target[:] = memoryview(units)[start - ua : end - ua]
 
 
 def read_block(ctx: DataContext, e: Entry) -> bytearray:
@@ -704,16 +783,24 @@ def copy_units(ctx: DataContext, src: Entry, dst: int, a: int, z: int) -> None:
     if not ctx.checksums:
         return
     sums = data_sums(ctx)
-    sums.set(dst, a, buf)
+    view = memoryview(buf)
     lo, hi = src.valid_lo * SECTOR, src.valid_hi * SECTOR
-    for u in range(a, z, SUM_UNIT):
-        home = src.addr if not src.incomplete or lo <= u < hi else src.base
-        try:
-            sums.verify(home, u, memoryview(buf)[u - a : u - a + SUM_UNIT])
-        except CorruptData as e:
+    homes: tuple[tuple[int, int, int], ...]  # (from, to, the block whose checksums apply)
+    if src.incomplete:
+        homes = (
+            (a, min(z, lo), src.base),
+            (max(a, lo), min(z, hi), src.addr),
+            (max(a, hi), z, src.base),
+        )
+    else:
+        homes = ((a, z, src.addr),)
+    for ra, rz, home in homes:
+        if ra >= rz:
+            continue
+        for u, err in sums.take(home, dst, ra, view[ra - a : rz - a]):
             ctx.device.stats.checksum_errors += 1
             sums.poison(dst, u, SUM_UNIT)
-            log.warning("%s; copied to block %d with its damage marked", e, dst)
+            log.warning("%s; copied to block %d with its damage marked", err, dst)
 
 
 def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up everything dittofs needs on a Debian 12 machine: the system packages (nbdkit with its
-# Python plugin, libnbd's Python binding and tools, FUSE, e2fsprogs, fio, qemu-utils) and the
-# virtual environment .venv/ at the repository root, made from /usr/bin/python3 (the interpreter
-# nbdkit embeds) with system site-packages so Debian's python3-libnbd is importable, and the
-# project installed into it (.venv/bin/snapctl). Also what tests/vm.py needs to build and boot
+# Python plugin, libnbd's Python binding and tools, python3-xxhash for data checksums, FUSE,
+# e2fsprogs, fio, qemu-utils) and the virtual environment .venv/ at the repository root, made
+# from /usr/bin/python3 (the interpreter nbdkit embeds) with system site-packages so Debian's
+# python3-libnbd and python3-xxhash are importable, and the project installed into it
+# (.venv/bin/snapctl). Also what tests/vm.py needs to build and boot
 # the qemu guest that tests the kernel's NBD driver (qemu-system-x86, busybox-static, cpio, kmod;
 # the guest's kernel package itself is fetched by the tests with `apt-get download`, so the
 # package lists must know linux-image-amd64). Idempotent: a second run changes nothing.
@@ -11,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
-  nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin python3-venv python3-pip
+  nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin python3-venv python3-pip python3-xxhash
   fuse3 e2fsprogs util-linux kmod fio qemu-utils procps psmisc iproute2 nbd-client
 )
 

@@ -1,26 +1,33 @@
 """Data checksums per 4 KiB unit (format --checksum), in-process.
 
-A pool with data checksums keeps a CRC-32 of every 4 KiB of every data block by physical block
-(fsimpl/datasums.py). A 4 KiB read verifies its own 4 KiB; one damaged unit fails the reads
-that touch it and no other; the first partial write after a snapshot defers its copy-on-write
-(the new block holds only the written units, with their checksums) and reads exactly through
-crashes; clones, flatten and writable snapshots keep every copy's checksums; a merge over a
-damaged unit goes on and keeps that unit failing; scrub and check find everything clean, or
-name the damaged block.
+A pool with data checksums keeps an XXH3-based checksum of every 4 KiB of every data block by
+physical block (fsimpl/datasums.py). A 4 KiB read verifies its own 4 KiB, a run of blocks is
+verified in one pass; one damaged unit fails the reads that touch it and no other; the first
+partial write after a snapshot defers its copy-on-write, and so does a partial overwrite of
+live's own block (the new block holds only the written units, with their checksums), reading
+exactly through crashes and never filling the pool; clones, flatten and writable snapshots keep
+every copy's checksums; a merge over a damaged unit goes on and keeps that unit failing; scrub
+and check find everything clean, or name the damaged block.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import sys
+import zlib
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from fsimpl import checker
 from fsimpl import datasums as D
 from fsimpl.device import Device
-from fsimpl.engine import Engine
-from fsimpl.errors import CorruptData
+from fsimpl.engine import DEFAULT_CACHE_BYTES, Engine
+from fsimpl.errors import CorruptData, MissingDependency, NoSpace
+from fsimpl.layout import FEATURE_SUMS_XXH3
+from fsimpl.txn import Pool
 
 BS = 65536
 UNIT = 4096
@@ -181,3 +188,186 @@ def test_clone_flatten_and_writable_snapshot_keep_checksums(tmp_path: Path) -> N
     finally:
         eng.close()
     check_clean(path)
+
+
+def live_entry(eng: Engine, block: int):  # noqa: ANN201
+    return eng.pool.volumes[next(iter(eng.pool.volumes))].live.get(block)
+
+
+def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: Path) -> None:
+    """No committed byte is rewritten in place, yet a 4 KiB write into a block live owns costs
+    4 KiB: the new units go to a new block that keeps the old one as its own base; later writes
+    beside them go in place; a rewrite of a written unit merges first; a merge frees the base."""
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    want = bytearray(os.urandom(2 * BS))
+    write(eng, "live", 0, bytes(want))
+    eng.flush()
+    old = addr_of(eng, 0)
+    vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
+
+    def put(off: int, n: int) -> int:
+        """Write n fresh bytes at off; returns the data bytes the device was asked to write."""
+        data = os.urandom(n)
+        before = eng.device.stats.bytes_written
+        write(eng, "live", off, data)
+        want[off : off + n] = data
+        assert read(eng, "live", 0, 2 * BS) == want
+        return eng.device.stats.bytes_written - before
+
+    assert put(3 * UNIT, UNIT) == UNIT  # one unit written, nothing copied
+    e = live_entry(eng, 0)
+    assert e.incomplete and e.owns_base and e.base == old, e
+    assert (e.valid_lo, e.valid_hi) == (3 * UNIT // 512, 4 * UNIT // 512), e
+    assert vol.live.inode.owned_blocks == 3  # block 1, and block 0's new block and base
+    first = e.addr
+    assert put(4 * UNIT, 2 * UNIT) == 2 * UNIT  # beside the valid range: in place, no gap
+    assert put(9 * UNIT, UNIT) == 4 * UNIT  # a gap of three units, copied from the base
+    e = live_entry(eng, 0)
+    assert e.addr == first and (e.valid_lo, e.valid_hi) == (24, 80), e
+    eng.flush()
+    eng.device.close()  # a crash after the flush: the incomplete block and both sums survive
+    check_clean(path)
+    eng = open_pool(path)
+    assert read(eng, "live", 0, 2 * BS) == want
+    assert put(4 * UNIT, UNIT) > BS // 2  # rewrites a committed unit: the block is merged first
+    e = live_entry(eng, 0)
+    assert e.owns_base and e.base == first and e.addr not in (first, old), e
+    vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
+    assert vol.live.inode.owned_blocks == 3
+    vol.settle(eng.pool.ctx, 0)  # the background merge: complete, and the base given back
+    e = live_entry(eng, 0)
+    assert not e.incomplete and not e.owns_base, e
+    assert vol.live.inode.owned_blocks == 2
+    assert read(eng, "live", 0, 2 * BS) == want
+    eng.flush()
+    assert eng.scrub()["bad"] == []
+    alloc = eng.pool.allocator
+
+    def reusable(b: int) -> bool:
+        return not alloc.busy[b >> 3] >> (b & 7) & 1
+
+    assert not alloc.is_allocated(first) and not reusable(first)  # a rewind may still read it
+    for _ in range(3):  # past the deferral window
+        eng.pool.sb_dirty = True
+        eng.flush()
+    assert reusable(first) and reusable(old)
+    eng.close()
+    check_clean(path)
+    eng = open_pool(path)
+    try:
+        assert read(eng, "live", 0, 2 * BS) == want
+    finally:
+        eng.close()
+
+
+def test_an_owned_base_goes_with_its_entry(tmp_path: Path) -> None:
+    """Trim, rollback and a snapshot's first write each account for the base live owns."""
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    old = os.urandom(4 * BS)
+    write(eng, "live", 0, old)
+    eng.flush()
+    vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
+    for b in range(4):
+        write(eng, "live", b * BS + UNIT, os.urandom(UNIT))
+    assert all(live_entry(eng, b).owns_base for b in range(4))
+    assert vol.live.inode.owned_blocks == 8
+    eng.trim(eng.open_export("live", False), 0, BS)  # block 0: both its blocks freed
+    assert vol.live.inode.owned_blocks == 6
+    eng.create_snapshot("s1")  # s1 reads blocks 1-3 through live's incomplete entries
+    snap = read(eng, "live@s1", 0, 4 * BS)
+    write(eng, "live", BS + 2 * UNIT, os.urandom(UNIT))  # first write: merged, then moved
+    assert live_entry(eng, 1).base != live_entry(eng, 2).base
+    assert read(eng, "live@s1", 0, 4 * BS) == snap
+    write(eng, "live", 3 * BS, os.urandom(BS))  # whole block: the entry and its base go
+    eng.rollback("s1")
+    assert read(eng, "live", 0, 4 * BS) == snap
+    eng.delete_snapshot("s1")
+    eng.close()
+    check_clean(path)  # every block owned once, none leaked
+
+
+def test_partial_overwrites_never_fill_the_pool(tmp_path: Path) -> None:
+    """Each partial overwrite holds live's old block until its merge. On a full pool the
+    write that finds no room merges them and waits out the deferral window, so the writer
+    never hears 'pool is full' while its data fits."""
+    path = tmp_path / "fixed.img"
+    nblocks = 96
+    with open(path, "wb") as f:
+        f.truncate(nblocks * BS)
+    dev = Device(str(path))
+    dev.lock()
+    pool = Pool.format(dev, BS, nblocks * BS, growable=False, checksums=True)
+    eng = Engine(dev, pool, "move", DEFAULT_CACHE_BYTES)
+    ex = eng.open_export("live", False)
+    want = bytearray()
+    with pytest.raises(NoSpace):
+        while True:
+            block = os.urandom(BS)
+            eng.write(ex, memoryview(block), len(want))
+            want += block
+    eng.trim(ex, len(want) - 4 * BS, 4 * BS)  # room for a few new blocks, not for one each
+    want[len(want) - 4 * BS :] = bytes(4 * BS)
+    eng.flush()
+    written = len(want) // BS - 4
+    assert written > 40
+    vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
+    for b in range(written):
+        unit = os.urandom(UNIT)
+        eng.write(ex, memoryview(unit), b * BS + 5 * UNIT)
+        want[b * BS + 5 * UNIT : b * BS + 6 * UNIT] = unit
+    assert sum(vol.live.get(b).owns_base for b in range(written)) < written  # some merged
+    assert read(eng, "live", 0, len(want)) == want
+    eng.close()
+    check_clean(path)
+
+
+@pytest.mark.engine_log(r"failed its checksum in bytes")
+def test_a_run_of_blocks_is_read_and_verified_as_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    data = os.urandom(6 * BS)
+    write(eng, "live", 0, data)  # one request: six consecutive blocks on disk
+    eng.flush()
+    first = addr_of(eng, 0)
+    assert [addr_of(eng, b) for b in range(6)] == list(range(first, first + 6))
+    verified: list[tuple[int, int, int]] = []
+    real = D.DataSums.verify
+
+    def spy(self: D.DataSums, addr: int, offset: int, buf: bytes) -> None:
+        verified.append((addr, offset, len(buf)))
+        real(self, addr, offset, buf)
+
+    monkeypatch.setattr(D.DataSums, "verify", spy)
+    assert read(eng, "live", UNIT, 5 * BS) == data[UNIT : UNIT + 5 * BS]
+    assert verified == [(first, UNIT, 5 * BS)], verified
+    eng.close()
+    flip(path, (first + 3) * BS + 2 * UNIT + 7)
+    eng = open_pool(path)
+    try:
+        with pytest.raises(CorruptData, match=rf"data block {first + 3} failed .* \[8192, 12288\)"):
+            read(eng, "live", 0, 6 * BS)
+        assert read(eng, "live", 0, 3 * BS) == data[: 3 * BS]  # the blocks before it read
+    finally:
+        eng.close()
+
+
+def test_the_unit_checksum_is_xxh3_and_older_pools_keep_crc32(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    data = os.urandom(BS)
+    write(eng, "live", 0, data)
+    sums = eng.pool.ctx.sums
+    assert sums is not None and eng.pool.sb.features & FEATURE_SUMS_XXH3
+    want = [xxhash.xxh3_64_intdigest(data[u : u + UNIT]) & 0xFFFFFFFF for u in range(0, BS, UNIT)]
+    assert sums._stored(addr_of(eng, 0), 0, BS // UNIT) == struct.pack("<16I", *want)
+    assert D.unit_sum_function(False) is zlib.crc32  # a pool without the feature bit
+    eng.close()
+    monkeypatch.setitem(sys.modules, "xxhash", None)  # not installed
+    with pytest.raises(MissingDependency, match=r"apt-get install python3-xxhash"):
+        open_pool(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import nbd
@@ -13,6 +14,7 @@ import pytest
 from model import Model, Workload
 from test_t3_model import EngineTarget
 
+from fsimpl import checker
 from fsimpl.device import Device
 from fsimpl.engine import Engine
 from fsimpl.txn import Pool
@@ -93,3 +95,57 @@ def test_a_damaged_block_is_an_error_and_scrub_names_it(servers, tmp_path: Path)
     report = json.loads(cp.stdout)
     assert report["state"] == "finished" and report["errors"] == 1, report  # shared: one entry
     assert any(f"data block {victim}" in what for what in report["found"]), report
+
+
+def _own_base_entries(disk: Path) -> int:
+    """Live's incomplete entries that own their base: partial overwrites not merged yet."""
+    dev = Device(str(disk), readonly=True)
+    try:
+        pool = Pool.open(dev)
+        vol = next(v for v in pool.volumes.values() if v.name == "live")
+        return sum(e.owns_base for _, e in vol.live.iter_entries())
+    finally:
+        dev.close()
+
+
+def test_small_overwrites_survive_kill_and_merge_when_idle(servers, tmp_path: Path) -> None:  # noqa: ANN001
+    """4 KiB overwrites of live's own blocks through nbdkit (each leaves an incomplete block
+    that owns the old one as its base), a kill -9 after a flush, then the idle merge."""
+    disk = tmp_path / "pool.img"
+    srv = servers(disk, size="16M", params={"checksum": "on"}).start()
+    rng = random.Random(11)
+    size = 64 * 65536
+    model = bytearray(rng.randbytes(size))
+    h = srv.connect("live")
+    h.pwrite(bytes(model), 0)
+    h.flush()
+    for i in range(1, 401):
+        off = rng.randrange(size // 4096) * 4096
+        n = min(4096 * rng.randint(1, 3), size - off)
+        data = rng.randbytes(n)
+        h.pwrite(data, off)
+        model[off : off + n] = data
+        if i % 100 == 0:
+            h.flush()
+            assert h.pread(size, 0) == model, f"live differs after {i} writes"
+    h.flush()
+    srv.kill()  # right after the flush: the server had no idle second to merge in
+    own = _own_base_entries(disk)
+    assert own >= 20, f"only {own} live entries own their base: the path did not run"
+    report = checker.check(Device(str(disk), readonly=True))
+    assert report.clean, [d.message for d in report.defects[:3]]
+    srv.start()
+    h = srv.connect("live")
+    assert h.pread(size, 0) == model, "live differs after kill -9 and restart"
+    deadline = time.monotonic() + 60  # the merges run after a second without writes
+    unmerged = own
+    while unmerged and time.monotonic() < deadline:
+        time.sleep(0.5)
+        unmerged = json.loads(srv.snapctl("info", "--json").stdout)["volumes"][0]["unmerged_blocks"]
+    assert unmerged == 0, f"{unmerged} blocks still unmerged after a minute idle"
+    assert h.pread(size, 0) == model
+    h.shutdown()
+    srv.stop()
+    assert _own_base_entries(disk) == 0, "the idle merges left incomplete blocks"
+    report = checker.check(Device(str(disk), readonly=True))
+    assert report.clean, [d.message for d in report.defects[:3]]

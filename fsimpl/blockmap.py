@@ -15,7 +15,6 @@ from .chain_index import ChainIndex
 from .layout import (
     BT_MAP_LEAF,
     EMPTY_ENTRY,
-    ENTRY_OWN_BASE,
     ENTRY_SIZE,
     KIND_ADDR,
     BlockPointer,
@@ -114,13 +113,7 @@ class BlockMap:
             inode.entry_count += delta
             if node.mask is not None:
                 node.mask ^= 1 << index
-        # (an entry that owns its base owns two blocks: Entry.blocks, inlined for speed)
-        inode.owned_blocks += (
-            (e.kind == KIND_ADDR)
-            + (e.flags & ENTRY_OWN_BASE != 0)
-            - (old.kind == KIND_ADDR)
-            - (old.flags & ENTRY_OWN_BASE != 0)
-        )
+        inode.owned_blocks += (e.kind == KIND_ADDR) - (old.kind == KIND_ADDR)
         inode.incomplete_blocks += e.incomplete - old.incomplete
         return old
 
@@ -148,7 +141,7 @@ class BlockMap:
     def _account_leaf(self, node: Node, sign: int) -> None:
         entries = [read_entry(node.buf, i) for i in set_bits(self.leaf_mask(node))]
         self.inode.entry_count += sign * node.count
-        self.inode.owned_blocks += sign * sum(len(e.blocks) for e in entries)
+        self.inode.owned_blocks += sign * sum(e.kind == KIND_ADDR for e in entries)
         self.inode.incomplete_blocks += sign * sum(e.incomplete for e in entries)
 
     def is_empty(self) -> bool:

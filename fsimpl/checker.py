@@ -382,8 +382,8 @@ class _Walker:
                 entries += 1
                 where = f"volume {vol.name} block {b}"
                 if e.kind == KIND_ADDR:
+                    owned += 1  # (the inode counts what the map addresses, not a base too)
                     for blk in e.blocks:  # its block, and a base it owns
-                        owned += 1
                         self._own(blk, where)
                     if e.incomplete:
                         incomplete.append((b, e))
@@ -460,7 +460,7 @@ class _Walker:
     def _check_incomplete(self, vol: Volume, incomplete: list[tuple[int, Entry]]) -> None:
         """A deferred merge's block: a valid range that is a proper part of the block, and a
         base that a snapshot of the same volume owns at the same block number, or that the
-        entry owns itself (ENTRY_OWN_BASE: counted with its owner above)."""
+        entry owns itself (ENTRY_OWN_BASE: owned with it above)."""
         sectors = self.pool.block_size // SECTOR
         for b, e in incomplete:
             where = f"volume {vol.name} block {b}"

@@ -43,6 +43,8 @@ from .volume import COW_COPY, COW_MOVE, MERGE_DEFERRED, MERGE_IMMEDIATE, Volume
 
 log = logging.getLogger("dittofs")
 
+MAKE_ROOM_MERGES = 256  # merges a write that found the pool full may wait for
+
 Progress = Callable[[int, int], None]  # (done, total) of a long operation
 
 COMMIT_INTERVAL = 5.0  # seconds a change may wait before the ticker commits it
@@ -180,9 +182,9 @@ class EngineCore:
         for vol in self.pool.volumes.values():
             if vol.inode.op != OP_NONE:
                 continue
-            # partial overwrites that kept live's old block as their base give it back, in
-            # steps a commit on a full pool has room for
-            todo = vol.own_base_blocks()
+            # partial overwrites that kept live's old block as their base give it back: a
+            # bounded batch (the write waits for it), in steps a commit on a full pool fits
+            todo = vol.own_base_blocks()[:MAKE_ROOM_MERGES]
             while todo:
                 stop = self.step_budget()
                 while todo:

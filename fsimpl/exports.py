@@ -227,21 +227,24 @@ class ExportRequests:
         else:
             writable.write_snapshot(core.pool.ctx, vol, ex.snap_id, data, offset)
 
+    def _put_making_room(self, vol: Volume, ex: Export, data: memoryview, offset: int) -> None:
+        try:
+            self._put(vol, ex, data, offset)
+        except NoSpace:
+            # Blocks freed lately (the open transaction's, the deferral window's), the bases
+            # of unmerged partial writes and the room kept for committing come back with
+            # merges and commits; if the pool is still full, the writer hears it.
+            if not self.core.make_room():
+                raise
+            self._put(vol, ex, data, offset)
+
     def write(self, ex: Export, data: memoryview, offset: int, fua: bool = False) -> None:
         core = self.core
         with core.lock:
             vol = self._writable(ex)
             self._range(ex, offset, len(data))
             if len(data):
-                try:
-                    self._put(vol, ex, data, offset)
-                except NoSpace:
-                    # Blocks freed lately (the open transaction's, the deferral window's) and
-                    # the room kept for committing come back with commits; if the pool is
-                    # still full, the writer hears it.
-                    if not core.make_room():
-                        raise
-                    self._put(vol, ex, data, offset)
+                self._put_making_room(vol, ex, data, offset)
             if fua:
                 core.make_durable()
 
@@ -304,7 +307,7 @@ class ExportRequests:
                     pos += n  # reads zeros already
                     continue
                 n = min(stop - pos, 64 * bs) if n == bs else n
-                self._put(vol, ex, memoryview(bytes(n)), pos)
+                self._put_making_room(vol, ex, memoryview(bytes(n)), pos)
                 pos += n
             if fua:
                 core.make_durable()

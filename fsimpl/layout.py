@@ -547,7 +547,9 @@ ENTRY_INCOMPLETE = 0x01
 # With data checksums a block is never rewritten where a committed entry reads it, so a partial
 # overwrite of a block live owns outright also leaves an incomplete entry: the new units in a
 # new block, the rest still in live's old block, which this flag says the entry owns (freed
-# when the entry completes or goes) rather than the latest snapshot.
+# when the entry completes or goes) rather than the latest snapshot. The inode's owned_blocks
+# counts entries, not such bases: a base is a merge still to do (incomplete_blocks), as the
+# volume's size in blocks is what its map addresses.
 ENTRY_OWN_BASE = 0x02
 SECTOR = 512  # unit of the valid range
 
@@ -692,7 +694,7 @@ class InodeRecord:
     snap_id: int = ondisk("Q", "shadow: its snapshot id; volume: its latest snapshot (0: none)")
     size: int = ondisk("Q", "bytes (a shadow: the volume's size when the snapshot was taken)")
     root: int = ondisk("Q", "map root block (0: an empty map: all ditto, or all unallocated)")
-    owned_blocks: int = ondisk("Q", "data blocks this map owns")
+    owned_blocks: int = ondisk("Q", "data blocks this map addresses (an owned base not counted)")
     entry_count: int = ondisk("Q", "non-empty entries")
     created_ns: int = ondisk("Q", "created (ns since the epoch)")
     origin_vol: int = ondisk("Q", "clone origin: volume inode")

@@ -678,6 +678,7 @@ class Pool:
         self.device.sync()
         write_superblock(self.device, sb, self.superblock_last_page)
         self.sb = sb
+        self.ctx.fresh.clear()  # committed now: rewrites of those blocks move again
         self.ring_head = None
         self.allocator.grown = False
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .allocator import Allocator
 from .blockmap import BlockMap, set_bits
@@ -78,6 +78,9 @@ class DataContext:
     commit: Callable[[], object]  # make everything so far durable (copy-on-write ordering)
     checksums: bool = False  # data checksums per 4 KiB unit (format option): see `sums`
     sums: DataSums | None = None  # where they are (None with checksums on: its inode is lost)
+    # with checksums: live's data blocks allocated in the open transaction. No committed
+    # generation reads them, so they may be rewritten in place (the commit empties it)
+    fresh: set[int] = field(default_factory=set)
 
 
 class Volume:
@@ -375,10 +378,11 @@ class Volume:
                 self.settle(ctx, b)
 
     def own_base_blocks(self) -> list[int]:
-        """Live's incomplete blocks that own their base: each merge (settle) frees a block."""
-        if not self.live.inode.incomplete_blocks:
-            return []
-        return [b for b, e in self.live.iter_entries() if e.owns_base]
+        """Live's known incomplete blocks (this run's, and those the background scan found)
+        that own their base: each merge (settle) frees a block. Never a scan of the map: a
+        full pool's writes ask for this."""
+        get = self.live.get
+        return [b for b in self.incomplete if get(b).owns_base]
 
     def find_incomplete(self, stop: Callable[[], bool]) -> None:
         """Scan live's map for incomplete blocks an earlier run left (its inode counts them),
@@ -439,7 +443,13 @@ class Volume:
                     # live owns the block outright: the common small overwrite, in place
                     ctx.device.pwrite(data, e.addr * bs + start)
                     return
-                if owned and ctx.checksums and defer and aligned and len(data) < bs:
+                if (
+                    owned
+                    and ctx.checksums
+                    and aligned
+                    and len(data) < bs
+                    and (defer or e.addr in ctx.fresh)
+                ):
                     self._overwrite_units(ctx, first, e, data, start)
                     return
                 if (
@@ -456,13 +466,16 @@ class Volume:
             # aside first: shared blocks move to the snapshot as under cow=move)
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
+        end = offset + len(data)
         for i, e in enumerate(entries):
+            b = first + i
+            whole = offset <= b * bs and (b + 1) * bs <= end  # nothing of the old block stays
             if e.incomplete and (
-                not aligned or ctx.checksums or self._shared(first + i, e, latest)
+                self._shared(b, e, latest) or (not whole and (not aligned or ctx.checksums))
             ):
                 # a snapshot takes only whole blocks; an unaligned write cannot extend a range;
                 # with checksums the block's committed units are never rewritten in place
-                entries[i] = self.settle(ctx, first + i)
+                entries[i] = self.settle(ctx, b)
         defer = defer and aligned and cow == COW_MOVE
         shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
         # With data checksums every block written goes to a new place: an overwrite in place
@@ -475,6 +488,8 @@ class Volume:
             if e.kind != KIND_ADDR or sh or ctx.checksums
         )
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
+        if ctx.checksums:
+            ctx.fresh.update(fresh)
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
         remap: list[tuple[int, Entry, bool, Entry]] = []  # block, old entry, shared, new entry
         resum: list[tuple[int, Entry]] = []  # in-place blocks with their new entry
@@ -532,6 +547,8 @@ class Volume:
             self.live.set(b, now)
             if now.incomplete:
                 self.incomplete.add(b)
+            else:  # (an incomplete block written whole: its merge is moot)
+                self.incomplete.discard(b)
         for b, e in resum:
             self.live.set(b, e)
             if not e.incomplete:
@@ -555,6 +572,7 @@ class Volume:
             raise
         if ctx.checksums:
             data_sums(ctx).set(new[0], start, data)
+            ctx.fresh.add(new[0])
         shadow.set(b, Entry(KIND_ADDR, e.addr, e.birth))
         lo, hi = start // SECTOR, (start + len(data)) // SECTOR
         self.live.set(
@@ -567,21 +585,25 @@ class Volume:
         self, ctx: DataContext, b: int, e: Entry, data: memoryview, start: int
     ) -> None:
         """With data checksums, whole 4 KiB units written into part of a block live owns
-        outright. Units no committed entry reads are written where they belong (the free part
-        of an incomplete block, the gap to its valid range copied from the base); otherwise the
+        outright. Units no committed entry reads are written where they belong: anywhere in a
+        block allocated since the last commit (ctx.fresh), or in the free part of an
+        incomplete block (the gap to its valid range copied from the base). Otherwise the
         block becomes incomplete: the new units in a new block, the rest still read from the
         old one, which the entry owns (ENTRY_OWN_BASE) until a merge frees it. So a 4 KiB
         write costs 4 KiB, not a block, and no committed byte is ever rewritten in place."""
         bs = ctx.block_size
         end = start + len(data)
         sums = data_sums(ctx)
-        if e.incomplete:
+        fresh = e.addr in ctx.fresh  # written since the last commit: nothing committed reads it
+        if e.incomplete or fresh:
             lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
-            if start < hi and lo < end:  # rewrites units the committed entry may read
-                e = self.settle(ctx, b)
+            if e.incomplete and start < hi and lo < end and not fresh:
+                e = self.settle(ctx, b)  # rewrites units the committed entry may read
             else:
                 ctx.device.pwrite(data, e.addr * bs + start)
                 sums.set(e.addr, start, data)
+                if not e.incomplete:
+                    return
                 gap = (end, lo) if end < lo else (hi, start) if start > hi else None
                 if gap is not None:
                     copy_units(ctx, Entry(KIND_ADDR, e.base), e.addr, *gap)
@@ -600,6 +622,7 @@ class Volume:
         except BaseException:
             ctx.allocator.unallocate([new])
             raise
+        ctx.fresh.add(new)
         sums.set(new, start, data)
         flags = ENTRY_INCOMPLETE | ENTRY_OWN_BASE
         lo, hi = start // SECTOR, end // SECTOR

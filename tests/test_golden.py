@@ -47,13 +47,24 @@ VOLATILE_INFO = {
 }
 
 
-def same_info(got: dict[str, Any], recorded: dict[str, Any]) -> None:
-    """Every field the old release recorded reads the same (volatile ones aside); fields added
-    since (error counters) may come on top."""
-    for key, value in recorded.items():
-        if key not in VOLATILE_INFO:
-            assert key in got, f"info lost the field {key!r}"
-            assert got[key] == value, f"info {key}: {got[key]!r}, recorded {value!r}"
+def same_info(got: Any, recorded: Any, where: str = "info") -> None:
+    """Every field the old release recorded reads the same (volatile ones aside), in nested
+    records too (each volume's); fields added since (error counters, a volume's unmerged
+    blocks) may come on top."""
+    if isinstance(recorded, dict):
+        assert isinstance(got, dict), f"{where}: {got!r}, recorded {recorded!r}"
+        for key, value in recorded.items():
+            if key not in VOLATILE_INFO:
+                assert key in got, f"{where} lost the field {key!r}"
+                same_info(got[key], value, f"{where} {key}")
+    elif isinstance(recorded, list):
+        assert isinstance(got, list) and len(got) == len(recorded), (
+            f"{where}: {got!r}, recorded {recorded!r}"
+        )
+        for i, (g, r) in enumerate(zip(got, recorded, strict=True)):
+            same_info(g, r, f"{where}[{i}]")
+    else:
+        assert got == recorded, f"{where}: {got!r}, recorded {recorded!r}"
 
 
 def unpack(stem: str, tmp_path: Path) -> tuple[Path, dict[str, Any]]:

@@ -219,7 +219,8 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     e = live_entry(eng, 0)
     assert e.incomplete and e.owns_base and e.base == old, e
     assert (e.valid_lo, e.valid_hi) == (3 * UNIT // 512, 4 * UNIT // 512), e
-    assert vol.live.inode.owned_blocks == 3  # block 1, and block 0's new block and base
+    assert vol.live.inode.owned_blocks == 2 and vol.live.inode.incomplete_blocks == 1
+    assert eng.pool.allocator.is_allocated(old)  # the base: held until the merge
     first = e.addr
     assert put(4 * UNIT, 2 * UNIT) == 2 * UNIT  # beside the valid range: in place, no gap
     assert put(9 * UNIT, UNIT) == 4 * UNIT  # a gap of three units, copied from the base
@@ -234,11 +235,11 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     e = live_entry(eng, 0)
     assert e.owns_base and e.base == first and e.addr not in (first, old), e
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
-    assert vol.live.inode.owned_blocks == 3
+    assert eng.pool.allocator.is_allocated(first)
     vol.settle(eng.pool.ctx, 0)  # the background merge: complete, and the base given back
     e = live_entry(eng, 0)
     assert not e.incomplete and not e.owns_base, e
-    assert vol.live.inode.owned_blocks == 2
+    assert vol.live.inode.owned_blocks == 2 and vol.live.inode.incomplete_blocks == 0
     assert read(eng, "live", 0, 2 * BS) == want
     eng.flush()
     assert eng.scrub()["bad"] == []
@@ -252,6 +253,11 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
         eng.pool.sb_dirty = True
         eng.flush()
     assert reusable(first) and reusable(old)
+    assert put(UNIT, UNIT) == UNIT  # incomplete again (owning block 0's current block)...
+    base = live_entry(eng, 0).base
+    assert put(0, BS) == BS  # ...then written whole: no merge, and both blocks go
+    assert not live_entry(eng, 0).incomplete and not alloc.is_allocated(base)
+    assert vol.live.inode.incomplete_blocks == 0 and not vol.incomplete
     eng.close()
     check_clean(path)
     eng = open_pool(path)
@@ -272,9 +278,11 @@ def test_an_owned_base_goes_with_its_entry(tmp_path: Path) -> None:
     for b in range(4):
         write(eng, "live", b * BS + UNIT, os.urandom(UNIT))
     assert all(live_entry(eng, b).owns_base for b in range(4))
-    assert vol.live.inode.owned_blocks == 8
+    bases = [live_entry(eng, b).base for b in range(4)]
     eng.trim(eng.open_export("live", False), 0, BS)  # block 0: both its blocks freed
-    assert vol.live.inode.owned_blocks == 6
+    alloc = eng.pool.allocator
+    assert not alloc.is_allocated(bases[0]) and alloc.is_allocated(bases[1])
+    assert vol.live.inode.owned_blocks == 3
     eng.create_snapshot("s1")  # s1 reads blocks 1-3 through live's incomplete entries
     snap = read(eng, "live@s1", 0, 4 * BS)
     write(eng, "live", BS + 2 * UNIT, os.urandom(UNIT))  # first write: merged, then moved
@@ -371,3 +379,40 @@ def test_the_unit_checksum_is_xxh3_and_older_pools_keep_crc32(
     monkeypatch.setitem(sys.modules, "xxhash", None)  # not installed
     with pytest.raises(MissingDependency, match=r"apt-get install python3-xxhash"):
         open_pool(path)
+
+
+def test_blocks_written_since_the_last_commit_are_rewritten_in_place(tmp_path: Path) -> None:
+    """No committed generation reads a block allocated in the open transaction, so until the
+    commit its units are rewritten where they are; after it, a rewrite moves again."""
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    want = bytearray(os.urandom(BS))
+    write(eng, "live", 0, bytes(want))
+    eng.flush()
+
+    def put(off: int, n: int) -> int:
+        data = os.urandom(n)
+        before = eng.device.stats.bytes_written
+        write(eng, "live", off, data)
+        want[off : off + n] = data
+        assert read(eng, "live", 0, BS) == want
+        return eng.device.stats.bytes_written - before
+
+    assert put(2 * UNIT, UNIT) == UNIT  # a new block, incomplete
+    first = live_entry(eng, 0)
+    assert put(2 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == first  # same unit, in place
+    assert put(0, BS) == BS  # written whole: a new block again...
+    whole = live_entry(eng, 0)
+    assert put(5 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == whole  # ...rewritten in place
+    eng.flush()
+    assert put(5 * UNIT, UNIT) == UNIT  # committed: the unit moves to a new block
+    assert live_entry(eng, 0).addr != whole.addr and live_entry(eng, 0).base == whole.addr
+    eng.flush()
+    eng.device.close()  # a crash after the flush
+    check_clean(path)
+    eng = open_pool(path)
+    try:
+        assert read(eng, "live", 0, BS) == want
+        assert eng.scrub()["bad"] == []
+    finally:
+        eng.close()

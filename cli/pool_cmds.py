@@ -32,7 +32,7 @@ from .render import Renderer, human_size, parse_size
 @click.option(
     "--checksum",
     is_flag=True,
-    help="Keep a CRC-32 of every data block, verified on every read (see scrub).",
+    help="Keep a checksum of every 4 KiB of data, verified on every read (see scrub).",
 )
 @click.option(
     "--metadata-copies",

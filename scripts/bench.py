@@ -291,8 +291,9 @@ class Bench:
             "deferred (default): only the new bytes are written, merged later",
         )
         res.row("delete_1g", f"delete snapshot owning {sz}", "ms", "first")
-        note = "a pool with data checksums (format --checksum): a CRC-32 per 4 KiB, verified on "
-        note += "every read; shown in the move column, to set against the rows above"
+        note = "a pool with data checksums (format --checksum): an XXH3-based checksum per "
+        note += "4 KiB, verified on every read; shown in the move column, to set against the rows "
+        note += "above"
         for key, label in CSUM_ROWS.items():
             res.row(f"csum_{key}", f"  checksum=on: {label}", "MiB/s", "csum", note)
             note = ""

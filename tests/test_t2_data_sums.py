@@ -194,27 +194,36 @@ def live_entry(eng: Engine, block: int):  # noqa: ANN201
     return eng.pool.volumes[next(iter(eng.pool.volumes))].live.get(block)
 
 
+class TrackedLive:
+    """Live written with random bytes and flushed, and what it must read from then on."""
+
+    def __init__(self, eng: Engine, size: int) -> None:
+        self.eng = eng  # (a test that reopens the pool sets the new engine here)
+        self.want = bytearray(os.urandom(size))
+        write(eng, "live", 0, bytes(self.want))
+        eng.flush()
+
+    def put(self, off: int, n: int) -> int:
+        """Write n fresh bytes at off, check that live reads exactly; returns the bytes the
+        device was asked to write for it."""
+        data = os.urandom(n)
+        before = self.eng.device.stats.bytes_written
+        write(self.eng, "live", off, data)
+        self.want[off : off + n] = data
+        assert read(self.eng, "live", 0, len(self.want)) == self.want
+        return self.eng.device.stats.bytes_written - before
+
+
 def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: Path) -> None:
     """No committed byte is rewritten in place, yet a 4 KiB write into a block live owns costs
     4 KiB: the new units go to a new block that keeps the old one as its own base; later writes
     beside them go in place; a rewrite of a written unit merges first; a merge frees the base."""
     path = tmp_path / "pool.img"
     eng = open_pool(path)
-    want = bytearray(os.urandom(2 * BS))
-    write(eng, "live", 0, bytes(want))
-    eng.flush()
+    live = TrackedLive(eng, 2 * BS)
+    put = live.put
     old = addr_of(eng, 0)
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
-
-    def put(off: int, n: int) -> int:
-        """Write n fresh bytes at off; returns the data bytes the device was asked to write."""
-        data = os.urandom(n)
-        before = eng.device.stats.bytes_written
-        write(eng, "live", off, data)
-        want[off : off + n] = data
-        assert read(eng, "live", 0, 2 * BS) == want
-        return eng.device.stats.bytes_written - before
-
     assert put(3 * UNIT, UNIT) == UNIT  # one unit written, nothing copied
     e = live_entry(eng, 0)
     assert e.incomplete and e.owns_base and e.base == old, e
@@ -229,8 +238,8 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     eng.flush()
     eng.device.close()  # a crash after the flush: the incomplete block and both sums survive
     check_clean(path)
-    eng = open_pool(path)
-    assert read(eng, "live", 0, 2 * BS) == want
+    eng = live.eng = open_pool(path)
+    assert read(eng, "live", 0, 2 * BS) == live.want
     assert put(4 * UNIT, UNIT) > BS // 2  # rewrites a committed unit: the block is merged first
     e = live_entry(eng, 0)
     assert e.owns_base and e.base == first and e.addr not in (first, old), e
@@ -240,7 +249,7 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     e = live_entry(eng, 0)
     assert not e.incomplete and not e.owns_base, e
     assert vol.live.inode.owned_blocks == 2 and vol.live.inode.incomplete_blocks == 0
-    assert read(eng, "live", 0, 2 * BS) == want
+    assert read(eng, "live", 0, 2 * BS) == live.want
     eng.flush()
     assert eng.scrub()["bad"] == []
     alloc = eng.pool.allocator
@@ -262,7 +271,7 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     check_clean(path)
     eng = open_pool(path)
     try:
-        assert read(eng, "live", 0, 2 * BS) == want
+        assert read(eng, "live", 0, 2 * BS) == live.want
     finally:
         eng.close()
 
@@ -386,18 +395,8 @@ def test_blocks_written_since_the_last_commit_are_rewritten_in_place(tmp_path: P
     commit its units are rewritten where they are; after it, a rewrite moves again."""
     path = tmp_path / "pool.img"
     eng = open_pool(path)
-    want = bytearray(os.urandom(BS))
-    write(eng, "live", 0, bytes(want))
-    eng.flush()
-
-    def put(off: int, n: int) -> int:
-        data = os.urandom(n)
-        before = eng.device.stats.bytes_written
-        write(eng, "live", off, data)
-        want[off : off + n] = data
-        assert read(eng, "live", 0, BS) == want
-        return eng.device.stats.bytes_written - before
-
+    live = TrackedLive(eng, BS)
+    put = live.put
     assert put(2 * UNIT, UNIT) == UNIT  # a new block, incomplete
     first = live_entry(eng, 0)
     assert put(2 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == first  # same unit, in place
@@ -412,7 +411,7 @@ def test_blocks_written_since_the_last_commit_are_rewritten_in_place(tmp_path: P
     check_clean(path)
     eng = open_pool(path)
     try:
-        assert read(eng, "live", 0, BS) == want
+        assert read(eng, "live", 0, BS) == live.want
         assert eng.scrub()["bad"] == []
     finally:
         eng.close()

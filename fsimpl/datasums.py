@@ -1,9 +1,9 @@
 """Data checksums: a 32-bit checksum of every 4 KiB unit of every data block, by physical block.
 
 The checksum is the low half of the unit's XXH3-64 (superblock feature FEATURE_SUMS_XXH3; the
-python3-xxhash package, imported only by pools that keep data checksums): at about three times
-zlib's CRC-32 speed it is what lets verified reads keep pace with unverified ones. Pools made
-before the feature keep CRC-32s and read as they were.
+python3-xxhash package, imported only by pools that keep data checksums): hashing is most of
+what a verified read costs beyond an unverified one, and XXH3 runs about three times as fast as
+zlib's CRC-32 here. Pools made before the feature keep CRC-32s and read as they were.
 
 A pool formatted with data checksums keeps them in one tree of data-checksum leaves, the map of
 its checksum inode (layout: DATA CHECKSUMS). Keyed by where the bytes lie rather than by which

@@ -703,12 +703,22 @@ def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> N
     if not e.flags & ENTRY_INCOMPLETE:
         ctx.device.pread_into(out, e.addr * bs + start)
         return
+    for a, z, addr in pieces_of(e, start, start + len(out)):
+        ctx.device.pread_into(out[a - start : z - start], addr * bs + a)
+
+
+def pieces_of(e: Entry, start: int, end: int) -> list[tuple[int, int, int]]:
+    """Where bytes [start, end) of what the ADDR entry e reads lie, as (from, to, block): its
+    own block, or for an incomplete entry the valid range there and the rest in its base."""
+    if not e.flags & ENTRY_INCOMPLETE:
+        return [(start, end, e.addr)]
     lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
-    end = start + len(out)
-    for a, z, addr in ((start, lo, e.base), (lo, hi, e.addr), (hi, end, e.base)):
-        a, z = max(a, start), min(z, end)
-        if a < z:
-            ctx.device.pread_into(out[a - start : z - start], addr * bs + a)
+    pieces = [
+        (start, min(end, lo), e.base),
+        (max(start, lo), min(end, hi), e.addr),
+        (max(start, hi), end, e.base),
+    ]
+    return [(a, z, addr) for a, z, addr in pieces if a < z]
 
 
 def data_sums(ctx: DataContext) -> DataSums:
@@ -732,12 +742,8 @@ def read_verified_into(ctx: DataContext, e: Entry, out: memoryview, start: int) 
     if not e.flags & ENTRY_INCOMPLETE:
         read_units_verified(ctx, sums, e.addr, start, out)
         return
-    end = start + len(out)
-    lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
-    for a, z, addr in ((start, lo, e.base), (lo, hi, e.addr), (hi, end, e.base)):
-        a, z = max(a, start), min(z, end)
-        if a < z:
-            read_units_verified(ctx, sums, addr, a, out[a - start : z - start])
+    for a, z, addr in pieces_of(e, start, start + len(out)):
+        read_units_verified(ctx, sums, addr, a, out[a - start : z - start])
 
 
 def read_units_verified(
@@ -807,19 +813,7 @@ def copy_units(ctx: DataContext, src: Entry, dst: int, a: int, z: int) -> None:
         return
     sums = data_sums(ctx)
     view = memoryview(buf)
-    lo, hi = src.valid_lo * SECTOR, src.valid_hi * SECTOR
-    homes: tuple[tuple[int, int, int], ...]  # (from, to, the block whose checksums apply)
-    if src.incomplete:
-        homes = (
-            (a, min(z, lo), src.base),
-            (max(a, lo), min(z, hi), src.addr),
-            (max(a, hi), z, src.base),
-        )
-    else:
-        homes = ((a, z, src.addr),)
-    for ra, rz, home in homes:
-        if ra >= rz:
-            continue
+    for ra, rz, home in pieces_of(src, a, z):  # home: the block whose checksums apply
         for u, err in sums.take(home, dst, ra, view[ra - a : rz - a]):
             ctx.device.stats.checksum_errors += 1
             sums.poison(dst, u, SUM_UNIT)

@@ -65,6 +65,10 @@ class Allocator:
         self.deferred: deque[tuple[int, list[int]]] = deque()
         self.deferred_blocks = 0
         self.dirty_leaves: set[int] = set()
+        # data blocks allocated or freed in the open transaction (what a FLUSH must commit);
+        # a metadata node's copy-on-write frees its old address too, but always beside a
+        # changed tree that says so itself
+        self.changed = False
         self.free_count = capacity_blocks
         self.cursor = 0
         self.tree = RadixTree(store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
@@ -125,6 +129,7 @@ class Allocator:
         self.free_count = self.capacity - self._count_set(self.state, self.capacity)
         self.tree = RadixTree(self.store, OWNER_BITMAP, BT_BITMAP, self.bits_per_leaf)
         self.dirty_leaves.update(range(self._leaf_count()))
+        self.changed = True
         self.pending.clear()
         self.deferred.clear()
         self.deferred_blocks = 0
@@ -197,6 +202,7 @@ class Allocator:
             b = self._find_free()
         self._set(b)
         self.cursor = b + 1
+        self.changed = True
         return b
 
     def allocate_far(self, near: int) -> int:
@@ -281,9 +287,14 @@ class Allocator:
         self.free_count += extra
         self.dirty_leaves.update(range(old // self.bits_per_leaf, self._leaf_count()))
         self.grown = True
+        self.changed = True
 
     def free(self, b: int) -> None:
         """Release a block; it becomes allocatable once the open transaction commits."""
+        self._release(b)
+        self.changed = True
+
+    def _release(self, b: int) -> None:
         m = 1 << (b & 7)
         assert self.state[b >> 3] & m, f"block {b} freed twice"
         self.state[b >> 3] &= ~m
@@ -297,7 +308,7 @@ class Allocator:
         them), so an image file keeps the room its commits churn through, and a commit still
         fits when the host file system is full (a trim's frees wait out the deferral window
         before they give the host anything back)."""
-        self.free(b)
+        self._release(b)
         self.keep_backed.add(b)
 
     def free_many(self, blocks: Iterable[int]) -> None:
@@ -339,6 +350,7 @@ class Allocator:
         self.tree.commit(allocate=reserved.pop, keep_empty=True)
         assert not reserved
         self.dirty_leaves.clear()
+        self.changed = False
 
     def release_pending(self, generation: int) -> list[int]:
         """After commit `generation` is durable: its frees enter the deferral window, and the
@@ -379,6 +391,7 @@ class Allocator:
                 self.free_count -= 1
             self.busy[b >> 3] |= m
             self.dirty_leaves.add(b // self.bits_per_leaf)
+            self.changed = True
         for i, (gen, waiting) in enumerate(self.deferred):
             kept = [b for b in waiting if b not in todo]
             self.deferred_blocks -= len(waiting) - len(kept)

@@ -10,6 +10,7 @@ for entries (snapshot reads, diff) skips empty stretches without decoding them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 from .chain_index import ChainIndex
 from .layout import (
@@ -28,8 +29,17 @@ from .layout import (
 from .radix import MetaStore, Node, RadixTree
 
 
+class InodeTree(Protocol):
+    """A tree an inode points at (a block map, the data checksums, the in-place list): what a
+    commit writes for each one the transaction changed."""
+
+    inode: InodeRecord
+
+    def commit(self) -> None: ...
+
+
 class BlockMap:
-    def __init__(self, store: MetaStore, inode: InodeRecord, dirty: set[BlockMap]) -> None:
+    def __init__(self, store: MetaStore, inode: InodeRecord, dirty: set[InodeTree]) -> None:
         self.inode = inode
         self.dirty_maps = dirty  # the transaction's set of maps to write at commit
         self.version = 0  # bumped on every change: keys caches derived from the entries

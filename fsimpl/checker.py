@@ -139,7 +139,7 @@ def check(device: Device) -> CheckReport:
     report = CheckReport()
     _check_superblocks(device, report)
     try:
-        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES)
+        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES, retake=False)
     except (NotAPool, UnsupportedFormat):
         raise
     except CorruptMetadata as e:
@@ -622,7 +622,7 @@ def repair(device: Device) -> RepairReport:
     if before.clean:
         return RepairReport(before, [], before)
     try:
-        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES)
+        pool = Pool.open(device, cache_bytes=CHECK_CACHE_BYTES, retake=False)
     except DittoError:
         return RepairReport(before, [], before)  # nothing can be fixed safely
     walker = _Walker(pool, CheckReport())

@@ -108,6 +108,7 @@ class EngineCore:
                 if self.claimed_pid:
                     self.pool.set_inuse(0)
                 if not self.pool.damage:
+                    self.pool.forget_in_place()  # nothing for the next open to retake
                     self.commit()
             finally:
                 self.device.close()
@@ -163,13 +164,14 @@ class EngineCore:
         self.epoch += 1
 
     def make_durable(self) -> None:
-        """Everything written so far survives a crash: commit, or just sync the data."""
-        if not self.commit():
+        """Everything written so far survives a crash: commit, or just sync the data (which
+        is all that writes in place need, on the in-place list too: inplace.py)."""
+        if not self.pool.is_dirty or not self.commit():
             self.device.sync()
 
     def commit_if_due(self) -> None:
         """Commit a change older than COMMIT_INTERVAL (the ticker's bound on loss)."""
-        if self.pool.is_dirty and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+        if self.pool.is_pending and time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
             self.commit()
 
     def make_room(self) -> bool:

@@ -14,7 +14,9 @@ verifies only the units it touches: a 4 KiB read costs one 4 KiB CRC, not the bl
 Crash safety is the transaction's: a unit's checksum changes in the same commit as the entry
 that makes the unit readable, and data is only written where no committed entry reads it (a new
 block, or the free part of an incomplete one), so the committed checksums always describe what
-the committed maps read.
+the committed maps read. The one exception is bounded and recorded: the blocks on the committed
+in-place list (inplace.py) are overwritten in place, and an open takes their checksums from
+their data.
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from __future__ import annotations
 import struct
 import zlib
 from collections.abc import Callable
-from typing import Any
 
-from .blockmap import commit_inode_tree, inode_root
+from .blockmap import InodeTree, commit_inode_tree, inode_root
 from .errors import CorruptData, MissingDependency
 from .layout import (
     BT_SUMS_LEAF,
@@ -40,11 +41,14 @@ from .radix import MetaStore, RadixTree
 
 class DataSums:
     def __init__(
-        self, store: MetaStore, inode: InodeRecord, dirty: set[Any], xxh3: bool = True
+        self, store: MetaStore, inode: InodeRecord, dirty: set[InodeTree], xxh3: bool = True
     ) -> None:
         self.inode = inode
         self.unit_sum = unit_sum_function(xxh3)
         self.dirty_maps = dirty  # the transaction's maps to write at commit (as BlockMap's)
+        # set(lagging=True) was called since the last commit: changed checksums of blocks on the
+        # in-place list (inplace.py), which any commit writes but a FLUSH need not
+        self.lagging = False
         self.block_size = store.block_size
         self.units = sum_units(store.block_size)
         self.record = SUM_SIZE * self.units
@@ -57,17 +61,24 @@ class DataSums:
         leaf_no, index = divmod(addr, self.capacity)
         return leaf_no, HEADER_SIZE + index * self.record + unit * SUM_SIZE
 
-    def set(self, addr: int, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Data written at byte offset (a unit boundary) of block addr, whole units of it."""
+    def set(
+        self, addr: int, offset: int, data: bytes | bytearray | memoryview, lagging: bool = False
+    ) -> None:
+        """Data written at byte offset (a unit boundary) of block addr, whole units of it.
+        lagging: a block on the in-place list, whose checksums an open after a crash takes
+        from its data, so they need not be committed before a FLUSH returns."""
         assert offset % SUM_UNIT == 0 and len(data) % SUM_UNIT == 0, (offset, len(data))
-        self._store(addr, offset, _sums(data, self.unit_sum))
+        self._store(addr, offset, _sums(data, self.unit_sum), lagging)
 
-    def _store(self, addr: int, offset: int, packed: bytes) -> None:
+    def _store(self, addr: int, offset: int, packed: bytes, lagging: bool = False) -> None:
         leaf_no, at = self._where(addr, offset // SUM_UNIT)
         node = self.tree.leaf_for_write(leaf_no)
         node.buf[at : at + len(packed)] = packed
         node.count = 1  # a leaf is never emptied: a stale record is harmless
-        self.dirty_maps.add(self)
+        if lagging:
+            self.lagging = True
+        else:
+            self.dirty_maps.add(self)
 
     def _stored(self, addr: int, offset: int, n: int) -> bytes:
         """The packed checksums of n units from byte offset of block addr on; offset may run
@@ -133,6 +144,7 @@ class DataSums:
 
     def commit(self) -> None:
         commit_inode_tree(self.tree, self.inode)
+        self.lagging = False
 
     @property
     def dirty(self) -> bool:

@@ -106,6 +106,7 @@ BT_INODE_LEAF = 3
 BT_SNAP_LEAF = 4
 BT_BITMAP = 5
 BT_SUMS_LEAF = 6
+BT_IN_PLACE_LEAF = 7
 
 BLOCK_TYPE_NAMES = {
     BT_SUPER: "superblock",
@@ -115,6 +116,7 @@ BLOCK_TYPE_NAMES = {
     BT_SNAP_LEAF: "snapshot-table leaf",
     BT_BITMAP: "free-space bitmap",
     BT_SUMS_LEAF: "data-checksum leaf",
+    BT_IN_PLACE_LEAF: "in-place block list leaf",
 }
 
 _SALT = {
@@ -125,6 +127,7 @@ _SALT = {
     BT_SNAP_LEAF: 0x4C0FFE05,
     BT_BITMAP: 0x5A3D1706,
     BT_SUMS_LEAF: 0x63C42A07,
+    BT_IN_PLACE_LEAF: 0x7A5E0B08,
 }
 
 
@@ -661,6 +664,30 @@ def sums_leaf_capacity(block_size: int) -> int:
     return (block_size - HEADER_SIZE) // (SUM_SIZE * sum_units(block_size))
 
 
+# --- in-place blocks --------------------------------------------------------------------------
+
+# A pool with data checksums records, in every commit, the data blocks the next transaction may
+# overwrite in place (live's own, recently written: inplace.py). An open after a crash takes
+# their checksums from what they hold. The list is the map of the in-place inode: leaves of
+# little-endian u64 block numbers, in order, the inode's `size` their count.
+BLOCK_NUMBER_SIZE = 8
+
+
+def in_place_leaf_capacity(block_size: int) -> int:
+    """Block numbers one in-place list leaf holds."""
+    return (block_size - HEADER_SIZE) // BLOCK_NUMBER_SIZE
+
+
+def pack_block_numbers(buf: bytearray, blocks: list[int]) -> None:
+    """Write blocks into a leaf's buffer after its header."""
+    struct.pack_into(f"<{len(blocks)}Q", buf, HEADER_SIZE, *blocks)
+
+
+def unpack_block_numbers(buf: bytes | bytearray, n: int) -> list[int]:
+    """The first n block numbers of a leaf."""
+    return list(struct.unpack_from(f"<{n}Q", buf, HEADER_SIZE))
+
+
 # --- inode records -----------------------------------------------------------------------------
 
 INODE_VOLUME = 1
@@ -668,6 +695,9 @@ INODE_SHADOW = 2
 # the pool's data checksums (pools with FEATURE_DATA_CHECKSUMS): one per pool, its map a tree of
 # data-checksum leaves keyed by physical block number (DATA CHECKSUMS below)
 INODE_CHECKSUMS = 3
+# the blocks the transaction after a commit may overwrite in place (pools with data checksums; one
+# per pool, made by the first commit that has some): its map a tree of in-place list leaves
+INODE_IN_PLACE = 4
 
 INODE_RECORD_SIZE = 256
 
@@ -939,6 +969,7 @@ def describe_format() -> str:
             INODE_VOLUME: "a volume",
             INODE_SHADOW: "a shadow inode",
             INODE_CHECKSUMS: "the pool's data checksums",
+            INODE_IN_PLACE: "the blocks the next transaction may overwrite in place",
         },
         "inode op": {
             OP_NONE: "none",

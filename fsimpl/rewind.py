@@ -156,6 +156,10 @@ def rewind(device: Device, generation: int) -> tuple[Pool, dict[str, object]]:
     before = _snapshot_names(device, newest)
     pool = Pool(device, state_at(newest, entry), DEFAULT_CACHE_BYTES)
     pool._load()
+    # The generations after this one overwrote in place only blocks on its in-place list, or
+    # blocks allocated after it (free here): a block leaves the list for good, and comes back
+    # only through a new allocation. So its own list is all there is to retake.
+    pool.retake_in_place()
     pool.sb.rewound_to = generation
     pool.sb.rewound_at = newest.generation + 1
     pool.ring_head = entry  # the next commit's ring starts at the generation rewound to

@@ -25,7 +25,7 @@ import uuid
 from dataclasses import replace
 
 from .allocator import Allocator
-from .blockmap import BlockMap
+from .blockmap import BlockMap, InodeTree
 from .datasums import DataSums
 from .device import Device
 from .errors import (
@@ -36,6 +36,7 @@ from .errors import (
     PoolTruncated,
     UnsupportedFormat,
 )
+from .inplace import InPlaceList, in_place_limit, next_list, retake_sums
 from .layout import (
     BT_BITMAP,
     DEFAULT_METADATA_COPIES,
@@ -44,6 +45,7 @@ from .layout import (
     FEATURE_SUMS_XXH3,
     FORMAT_VERSION,
     INODE_CHECKSUMS,
+    INODE_IN_PLACE,
     INODE_SHADOW,
     INODE_VOLUME,
     OP_DELETE,
@@ -61,6 +63,7 @@ from .layout import (
     Superblock,
     check_block_size,
     first_data_block,
+    in_place_leaf_capacity,
     pack_ring,
     pack_superblock,
     root_entry,
@@ -196,7 +199,7 @@ class Pool:
         self.snaptab = snapshot_table(self.store, root_pointer(sb, "snap"), sb.snap_height)
         self.volumes: dict[int, Volume] = {}
         self.snapshots: dict[int, SnapshotRecord] = {}
-        self.dirty_maps: set[BlockMap] = set()
+        self.dirty_maps: set[InodeTree] = set()
         self.dirty_inodes: dict[int, InodeRecord | None] = {}
         self.dirty_snaps: dict[int, SnapshotRecord | None] = {}
         self.sb_dirty = False
@@ -221,16 +224,27 @@ class Pool:
         self.damage: dict[str, CorruptMetadata] = {}
         self.unreadable_below = 0
         self.unreadable_volumes: dict[int, str] = {}
+        # with data checksums: the in-place list (inplace.py) as committed; the commit after a
+        # snapshot or at a clean close records it empty (in_place_reset)
+        self.in_place: InPlaceList | None = None
+        self.in_place_list: list[int] = []
+        self.in_place_reset = False
+        self.in_place_capacity = in_place_leaf_capacity(sb.block_size)
 
     # --- open and format ----------------------------------------------------------------------
 
     @classmethod
     def open(
-        cls, device: Device, cache_bytes: int = DEFAULT_CACHE_BYTES, upgrading: bool = False
+        cls,
+        device: Device,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        upgrading: bool = False,
+        retake: bool = True,
     ) -> Pool:
         """The pool on device, as its newest superblock describes it. A pool of an older format
         version is refused, with the way to upgrade it, unless upgrading (upgrade.py reads it
-        to write it anew)."""
+        to write it anew). retake=False: the committed state as it is, for a walk of its
+        metadata (the checker), without retaking the in-place list's checksums."""
         sb, problems = read_superblocks(device)
         if sb.version != FORMAT_VERSION and not upgrading:
             raise UnsupportedFormat(
@@ -248,6 +262,8 @@ class Pool:
         pool = cls(device, sb, cache_bytes)
         pool.superblock_problems = problems
         pool._load()
+        if retake:
+            pool.retake_in_place()
         return pool
 
     def _load_deferred(self) -> None:
@@ -367,6 +383,9 @@ class Pool:
             elif rec.kind == INODE_CHECKSUMS:
                 xxh3 = bool(sb.features & FEATURE_SUMS_XXH3)
                 self.ctx.sums = DataSums(self.store, rec, self.dirty_maps, xxh3)
+            elif rec.kind == INODE_IN_PLACE:
+                self.in_place = InPlaceList(self.store, rec, self.dirty_maps)
+        self._load_in_place()
         for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
         tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
@@ -417,6 +436,46 @@ class Pool:
                 ):
                     self.unreadable_volumes[vol.ino] = "its origin's metadata is damaged"
                     changed = True
+
+    def _load_in_place(self) -> None:
+        if self.in_place is None:
+            return
+        try:
+            self.in_place_list = self.in_place.load()
+        except CorruptMetadata as e:
+            # Every copy of a list leaf is bad: blocks overwritten in place after the commit
+            # may fail their checksums. That is detected on read (never wrong data), and writes
+            # are still safe: the next commit records a new list.
+            log.warning(
+                "%s: the in-place list is unreadable (%s): a block overwritten in place just "
+                "before the pool stopped may fail its checksum when read; run 'snapctl scrub'",
+                self.device.path,
+                e,
+            )
+        self.ctx.in_place = frozenset(self.in_place_list)
+
+    def retake_in_place(self, extra: frozenset[int] = frozenset()) -> int:
+        """Take the checksums of the blocks on the committed in-place list (and extra) from
+        their data: the transaction after that commit may have overwritten them in place. In
+        memory; the next commit writes them. Returns how many blocks were retaken."""
+        blocks = set(self.in_place_list) | extra
+        if not blocks or self.ctx.sums is None:
+            return 0
+        done = retake_sums(self.device, self.ctx.sums, blocks, self.device.path)
+        log.info(
+            "%s: %d blocks may have been overwritten in place when the pool stopped; their "
+            "checksums are taken from their data",
+            self.device.path,
+            done,
+        )
+        return done
+
+    def forget_in_place(self) -> None:
+        """No block may be overwritten in place from now on, and the next commit records an
+        empty in-place list: a snapshot shares live's blocks, a clean close leaves nothing for
+        the next open to retake."""
+        self.ctx.in_place = frozenset()
+        self.in_place_reset = True
 
     def _damaged(self, what: str, e: CorruptMetadata) -> None:
         """Metadata that writing depends on is unreadable (every copy): the pool opens
@@ -526,6 +585,7 @@ class Pool:
             vol.inode.snap_id = sid
             self.touch_inode(shadow)
             self.touch_inode(vol.inode)
+        self.forget_in_place()
         self.snapshots[sid] = rec
         self.touch_snapshot(rec)
         return rec
@@ -609,7 +669,12 @@ class Pool:
         tables = (self.inodes.height + 2) * (1 + len(self.dirty_inodes) + len(self.dirty_maps))
         tables += (self.snaptab.height + 2) * (1 + len(self.dirty_snaps))
         bitmap = (len(self.allocator.dirty_leaves) + 2) * (self.allocator.tree.height + 2)
-        return (self.store.dirty_nodes + tables + bitmap) * self.store.copies
+        in_place = 0
+        if self.ctx.checksums:  # the list the commit records, whole
+            listed = len(self.in_place_list) + len(self.ctx.fresh)
+            leaves = -(-min(listed, in_place_limit(self.block_size)) // self.in_place_capacity)
+            in_place = leaves + 2 if leaves else 0
+        return (self.store.dirty_nodes + tables + bitmap + in_place) * self.store.copies
 
     def metadata_trees(self) -> list[tuple[str, RadixTree]]:
         """Every metadata tree of the committed state, named for messages."""
@@ -620,6 +685,8 @@ class Pool:
         ]
         if self.ctx.sums is not None:
             trees.append(("data checksums", self.ctx.sums.tree))
+        if self.in_place is not None:
+            trees.append(("in-place list", self.in_place.tree))
         for vol in self.volumes.values():
             trees.append((f"volume {vol.name} map", vol.live.tree))
             for sid, shadow in vol.shadows.items():
@@ -632,17 +699,60 @@ class Pool:
             self.dirty_maps
             or self.dirty_inodes
             or self.dirty_snaps
-            or self.allocator.dirty_leaves
+            or self.allocator.changed
             or self.sb_dirty
             or (self.store.heals and not self.damage)  # a degraded pool writes nothing
         )
 
+    @property
+    def is_pending(self) -> bool:
+        """Anything for a commit to write: is_dirty (what a FLUSH must commit), or checksums
+        of blocks overwritten in place, or an in-place list to empty (what a FLUSH need not:
+        an open after a crash retakes them from the data)."""
+        if self.is_dirty:
+            return True
+        if self.damage or self.device.readonly or self.device.read_only_device:
+            return False  # (checksums retaken at open stay in memory)
+        sums = self.ctx.sums
+        return (sums is not None and sums.lagging) or (
+            self.in_place_reset and bool(self.in_place_list)
+        )
+
+    def _next_in_place(self) -> list[int]:
+        """The in-place list this commit records (inplace.py), written if it changed."""
+        ctx = self.ctx
+        if not ctx.checksums or ctx.sums is None:
+            return []
+        if self.in_place_reset:
+            blocks: list[int] = []
+        else:
+            blocks = next_list(
+                self.in_place_list,
+                ctx.fresh,
+                ctx.rewritten,
+                self.allocator.pending,
+                in_place_limit(self.block_size),
+            )
+        if blocks != self.in_place_list:
+            if self.in_place is None:
+                ino = self._new_ino()
+                rec = InodeRecord(
+                    kind=INODE_IN_PLACE, ino=ino, volume_ino=ino, created_ns=time.time_ns()
+                )
+                self.in_place = InPlaceList(self.store, rec, self.dirty_maps)
+                self.touch_inode(rec)
+            self.in_place.record(blocks)
+        if ctx.sums.lagging:
+            self.dirty_maps.add(ctx.sums)
+        return blocks
+
     def commit(self) -> bool:
         """Make the open transaction durable. Returns False if there was nothing to commit."""
-        if not self.is_dirty:
+        if not self.is_pending:
             return False
         if self.damage:  # callers refuse first; this is the guarantee
             raise DamagedPool(self.read_only_reason or "")
+        in_place = self._next_in_place()
         for m in self.dirty_maps:
             m.commit()
             if m.inode.ino not in self.dirty_inodes or self.dirty_inodes[m.inode.ino]:
@@ -678,7 +788,11 @@ class Pool:
         self.device.sync()
         write_superblock(self.device, sb, self.superblock_last_page)
         self.sb = sb
-        self.ctx.fresh.clear()  # committed now: rewrites of those blocks move again
+        self.ctx.fresh.clear()  # committed now: on the in-place list, or moved when rewritten
+        self.ctx.rewritten.clear()
+        self.in_place_list = in_place
+        self.ctx.in_place = frozenset(in_place)
+        self.in_place_reset = False
         self.ring_head = None
         self.allocator.grown = False
 

@@ -81,6 +81,15 @@ class DataContext:
     # with checksums: live's data blocks allocated in the open transaction. No committed
     # generation reads them, so they may be rewritten in place (the commit empties it)
     fresh: set[int] = field(default_factory=set)
+    # with checksums: live's blocks the committed in-place list lets this transaction overwrite
+    # in place (inplace.py: an open after a crash takes their checksums from their data), and
+    # those it has overwritten so far (they stay on the next commit's list)
+    in_place: frozenset[int] = frozenset()
+    rewritten: set[int] = field(default_factory=set)
+
+    def rewritable(self, addr: int) -> bool:
+        """May block addr, live's own, be overwritten in place (with checksums)?"""
+        return addr in self.fresh or addr in self.in_place
 
 
 class Volume:
@@ -443,12 +452,15 @@ class Volume:
                     # live owns the block outright: the common small overwrite, in place
                     ctx.device.pwrite(data, e.addr * bs + start)
                     return
+                if owned and ctx.checksums and aligned and not e.flags and ctx.rewritable(e.addr):
+                    write_in_place(ctx, e.addr, start, data)  # the same, on the in-place list
+                    return
                 if (
                     owned
                     and ctx.checksums
                     and aligned
                     and len(data) < bs
-                    and (defer or e.addr in ctx.fresh)
+                    and (defer or ctx.rewritable(e.addr))
                 ):
                     self._overwrite_units(ctx, first, e, data, start)
                     return
@@ -462,8 +474,8 @@ class Volume:
                 ):
                     return
         if cow == COW_COPY and latest and not ctx.checksums:
-            # (with data checksums nothing is overwritten in place, so nothing needs copying
-            # aside first: shared blocks move to the snapshot as under cow=move)
+            # (with data checksums a shared block is never overwritten in place, so nothing
+            # needs copying aside first: shared blocks move to the snapshot as under cow=move)
             self._preserve_by_copy(ctx, first, last)
         entries = self.live_range(first, last - first + 1)
         end = offset + len(data)
@@ -474,25 +486,29 @@ class Volume:
                 self._shared(b, e, latest) or (not whole and (not aligned or ctx.checksums))
             ):
                 # a snapshot takes only whole blocks; an unaligned write cannot extend a range;
-                # with checksums the block's committed units are never rewritten in place
+                # with checksums an incomplete block's committed units are not rewritten in place
                 entries[i] = self.settle(ctx, b)
         defer = defer and aligned and cow == COW_MOVE
         shared = [self._shared(first + i, e, latest) for i, e in enumerate(entries)]
-        # With data checksums every block written goes to a new place: an overwrite in place
-        # would put new data under the committed CRC until the commit, and a crash then would
-        # read as corruption what NBD allows to read as old or new (the old block is freed at
-        # the commit instead, untouched until then).
-        moves = sum(
-            1
+        # With data checksums a block goes in place only if the in-place list allows it: an
+        # overwrite in place would put new data under the committed checksum until the commit,
+        # and a crash then would read as corruption what NBD allows to read as old or new, unless
+        # the open knows to take the block's checksums from its data (inplace.py). Any other
+        # block moves (the old one is freed at the commit, untouched until then).
+        in_place = [
+            e.kind == KIND_ADDR
+            and not sh
+            and (not ctx.checksums or (aligned and not e.incomplete and ctx.rewritable(e.addr)))
             for e, sh in zip(entries, shared, strict=True)
-            if e.kind != KIND_ADDR or sh or ctx.checksums
-        )
+        ]
+        moves = in_place.count(False)
         fresh = ctx.allocator.allocate_many(moves, self._headroom(first, last))
         if ctx.checksums:
             ctx.fresh.update(fresh)
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
         remap: list[tuple[int, Entry, bool, Entry]] = []  # block, old entry, shared, new entry
         resum: list[tuple[int, Entry]] = []  # in-place blocks with their new entry
+        rewrites: list[tuple[int, int, memoryview]] = []  # in place with checksums: addr, at
         birth = ctx.birth()
         try:
             pos = 0
@@ -502,12 +518,12 @@ class Volume:
                 n = min(bs - start, len(data) - pos)
                 chunk = data[pos : pos + n]
                 pos += n
-                if e.kind == KIND_ADDR and not shared[i] and not ctx.checksums:
-                    if e.incomplete:
-                        writes.append((e.addr * bs + start, chunk))
-                        resum.append((b, self._extend(ctx, e, start, n, writes)))
-                        continue
+                if in_place[i]:
                     writes.append((e.addr * bs + start, chunk))  # live's own: in place
+                    if ctx.checksums:
+                        rewrites.append((e.addr, start, chunk))
+                    elif e.incomplete:
+                        resum.append((b, self._extend(ctx, e, start, n, writes)))
                     continue
                 new = fresh[len(remap)]
                 if n < bs and defer and e.kind == KIND_ADDR and shared[i]:
@@ -538,6 +554,8 @@ class Volume:
         except BaseException:
             ctx.allocator.unallocate(fresh)
             raise
+        for addr, start, chunk in rewrites:
+            note_in_place(ctx, addr, start, chunk)
         for b, e, was_shared, now in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
@@ -585,23 +603,23 @@ class Volume:
         self, ctx: DataContext, b: int, e: Entry, data: memoryview, start: int
     ) -> None:
         """With data checksums, whole 4 KiB units written into part of a block live owns
-        outright. Units no committed entry reads are written where they belong: anywhere in a
-        block allocated since the last commit (ctx.fresh), or in the free part of an
-        incomplete block (the gap to its valid range copied from the base). Otherwise the
-        block becomes incomplete: the new units in a new block, the rest still read from the
-        old one, which the entry owns (ENTRY_OWN_BASE) until a merge frees it. So a 4 KiB
-        write costs 4 KiB, not a block, and no committed byte is ever rewritten in place."""
+        outright. They are written where they belong if no committed entry reads them there
+        (a block allocated since the last commit, ctx.fresh, or the free part of an incomplete
+        block: the gap to its valid range copied from the base) or the in-place list allows
+        it. Otherwise the block becomes incomplete: the new units in a new block, the rest
+        still read from the old one, which the entry owns (ENTRY_OWN_BASE) until a merge frees
+        it. So a 4 KiB write costs 4 KiB, not a block, and no committed byte is rewritten in
+        place except on the list."""
         bs = ctx.block_size
         end = start + len(data)
         sums = data_sums(ctx)
-        fresh = e.addr in ctx.fresh  # written since the last commit: nothing committed reads it
-        if e.incomplete or fresh:
+        rewritable = ctx.rewritable(e.addr)  # nothing committed reads it, or the list allows
+        if e.incomplete or rewritable:
             lo, hi = e.valid_lo * SECTOR, e.valid_hi * SECTOR
-            if e.incomplete and start < hi and lo < end and not fresh:
+            if e.incomplete and start < hi and lo < end and not rewritable:
                 e = self.settle(ctx, b)  # rewrites units the committed entry may read
             else:
-                ctx.device.pwrite(data, e.addr * bs + start)
-                sums.set(e.addr, start, data)
+                write_in_place(ctx, e.addr, start, data)
                 if not e.incomplete:
                     return
                 gap = (end, lo) if end < lo else (hi, start) if start > hi else None
@@ -694,6 +712,22 @@ class Volume:
                 live.clear(b)
             else:  # keep the birth: it still says whether b changed since the latest snapshot
                 live.set(b, Entry(zero_kind, 0, e.birth))
+
+
+def write_in_place(ctx: DataContext, addr: int, start: int, data: memoryview) -> None:
+    """With checksums: whole units of data written at byte start of block addr, live's own and
+    rewritable (DataContext.rewritable), with their checksums."""
+    ctx.device.pwrite(data, addr * ctx.block_size + start)
+    note_in_place(ctx, addr, start, data)
+
+
+def note_in_place(ctx: DataContext, addr: int, start: int, data: memoryview) -> None:
+    """The checksums of data just written in place. For a block on the committed in-place list
+    they lag: an open after a crash retakes them, so a FLUSH need not commit them."""
+    lagging = addr not in ctx.fresh
+    if lagging:
+        ctx.rewritten.add(addr)
+    data_sums(ctx).set(addr, start, data, lagging=lagging)
 
 
 def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:

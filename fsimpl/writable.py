@@ -51,7 +51,8 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
     older = vol.shadows[older_id] if older_id else None
     own, views = _plan(vol, sid, first, count)
     relied = [older is not None and older.get(first + i) == EMPTY_ENTRY for i in range(count)]
-    # with data checksums a block is never rewritten in place (see Volume.write)
+    # with data checksums a snapshot's block is never rewritten in place (the in-place list,
+    # inplace.py, holds live's blocks only)
     in_place = [
         own[i].kind == KIND_ADDR and not relied[i] and not ctx.checksums for i in range(count)
     ]

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from fsimpl import checker
+from fsimpl import checker, inplace
 from fsimpl import datasums as D
 from fsimpl.device import Device
 from fsimpl.engine import DEFAULT_CACHE_BYTES, Engine
@@ -203,6 +203,13 @@ class TrackedLive:
         write(eng, "live", 0, bytes(self.want))
         eng.flush()
 
+    def reopen(self, path: Path) -> Engine:
+        """A clean restart: the in-place list is empty after it (fsimpl/inplace.py)."""
+        self.eng.close()
+        self.eng = open_pool(path)
+        assert self.eng.pool.in_place_list == []
+        return self.eng
+
     def put(self, off: int, n: int) -> int:
         """Write n fresh bytes at off, check that live reads exactly; returns the bytes the
         device was asked to write for it."""
@@ -215,12 +222,14 @@ class TrackedLive:
 
 
 def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: Path) -> None:
-    """No committed byte is rewritten in place, yet a 4 KiB write into a block live owns costs
-    4 KiB: the new units go to a new block that keeps the old one as its own base; later writes
-    beside them go in place; a rewrite of a written unit merges first; a merge frees the base."""
+    """A 4 KiB write into a block live owns that is off the in-place list costs 4 KiB, and no
+    committed byte is rewritten in place: the new units go to a new block that keeps the old
+    one as its own base; later writes beside them go in place; once a commit has put that block
+    on the list, a rewrite of a written unit goes in place too; off it (after a clean restart),
+    the rewrite merges first; a merge frees the base."""
     path = tmp_path / "pool.img"
-    eng = open_pool(path)
-    live = TrackedLive(eng, 2 * BS)
+    live = TrackedLive(open_pool(path), 2 * BS)
+    eng = live.reopen(path)
     put = live.put
     old = addr_of(eng, 0)
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
@@ -240,7 +249,10 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
     check_clean(path)
     eng = live.eng = open_pool(path)
     assert read(eng, "live", 0, 2 * BS) == live.want
-    assert put(4 * UNIT, UNIT) > BS // 2  # rewrites a committed unit: the block is merged first
+    assert first in eng.pool.in_place_list  # written by the last commit's transaction
+    assert put(4 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == e  # a committed unit, in place
+    eng = live.reopen(path)
+    assert put(4 * UNIT, UNIT) > BS // 2  # off the list: the block is merged first
     e = live_entry(eng, 0)
     assert e.owns_base and e.base == first and e.addr not in (first, old), e
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
@@ -262,6 +274,9 @@ def test_a_partial_overwrite_of_lives_own_block_writes_only_its_units(tmp_path: 
         eng.pool.sb_dirty = True
         eng.flush()
     assert reusable(first) and reusable(old)
+    eng = live.reopen(path)
+    alloc = eng.pool.allocator
+    vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
     assert put(UNIT, UNIT) == UNIT  # incomplete again (owning block 0's current block)...
     base = live_entry(eng, 0).base
     assert put(0, BS) == BS  # ...then written whole: no merge, and both blocks go
@@ -282,7 +297,8 @@ def test_an_owned_base_goes_with_its_entry(tmp_path: Path) -> None:
     eng = open_pool(path)
     old = os.urandom(4 * BS)
     write(eng, "live", 0, old)
-    eng.flush()
+    eng.close()
+    eng = open_pool(path)  # a clean restart: off the in-place list
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
     for b in range(4):
         write(eng, "live", b * BS + UNIT, os.urandom(UNIT))
@@ -326,15 +342,18 @@ def test_partial_overwrites_never_fill_the_pool(tmp_path: Path) -> None:
             want += block
     eng.trim(ex, len(want) - 4 * BS, 4 * BS)  # room for a few new blocks, not for one each
     want[len(want) - 4 * BS :] = bytes(4 * BS)
-    eng.flush()
+    eng.close()
     written = len(want) // BS - 4
-    assert written > 40
+    assert written > 36
+    eng = open_pool(path)  # a clean restart: every block off the in-place list, so each
+    ex = eng.open_export("live", False)  # partial overwrite below keeps its old block
     vol = eng.pool.volumes[next(iter(eng.pool.volumes))]
     for b in range(written):
         unit = os.urandom(UNIT)
         eng.write(ex, memoryview(unit), b * BS + 5 * UNIT)
         want[b * BS + 5 * UNIT : b * BS + 6 * UNIT] = unit
-    assert sum(vol.live.get(b).owns_base for b in range(written)) < written  # some merged
+    owning = sum(vol.live.get(b).owns_base for b in range(written))
+    assert 0 < owning < written  # some merged
     assert read(eng, "live", 0, len(want)) == want
     eng.close()
     check_clean(path)
@@ -392,26 +411,141 @@ def test_the_unit_checksum_is_xxh3_and_older_pools_keep_crc32(
 
 def test_blocks_written_since_the_last_commit_are_rewritten_in_place(tmp_path: Path) -> None:
     """No committed generation reads a block allocated in the open transaction, so until the
-    commit its units are rewritten where they are; after it, a rewrite moves again."""
+    commit its units are rewritten where they are."""
     path = tmp_path / "pool.img"
-    eng = open_pool(path)
-    live = TrackedLive(eng, BS)
+    eng = live_off_the_list(path)
+    live = TrackedLive(eng, 0)
+    live.want = bytearray(read(eng, "live", 0, BS))
     put = live.put
     assert put(2 * UNIT, UNIT) == UNIT  # a new block, incomplete
     first = live_entry(eng, 0)
     assert put(2 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == first  # same unit, in place
     assert put(0, BS) == BS  # written whole: a new block again...
     whole = live_entry(eng, 0)
+    assert whole.addr != first.addr and not whole.incomplete
     assert put(5 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == whole  # ...rewritten in place
+    eng.close()
+
+
+def live_off_the_list(path: Path) -> Engine:
+    """A pool whose live blocks 0-1 hold data, restarted cleanly: none is on the in-place
+    list, so an overwrite moves."""
+    eng = open_pool(path)
+    write(eng, "live", 0, os.urandom(2 * BS))
+    eng.close()
+    eng = open_pool(path)
+    assert eng.pool.in_place_list == []
+    return eng
+
+
+def test_the_in_place_list_spares_a_flush_its_commit_and_survives_a_crash(tmp_path: Path) -> None:
+    """A commit lists the blocks its transaction wrote (fsimpl/inplace.py); the next one
+    overwrites them in place, and a FLUSH after such writes syncs the data without a commit. A
+    crash then loses no flushed byte: the open takes those blocks' checksums from their data,
+    so an unflushed unit reads old or new, never as corruption, and scrub finds nothing. A
+    clean close empties the list, and so does a snapshot: a rewrite then moves."""
+    path = tmp_path / "pool.img"
+    live = TrackedLive(open_pool(path), 2 * BS)
+    eng = live.eng
+    put = live.put
+    e0, e1 = live_entry(eng, 0), live_entry(eng, 1)
+    assert {e0.addr, e1.addr} <= set(eng.pool.in_place_list)
+    commits = eng.pool.commits
+    assert put(5 * UNIT, UNIT) == UNIT and live_entry(eng, 0) == e0  # 4 KiB, in place
+    assert put(BS, BS) == BS and live_entry(eng, 1) == e1  # a whole block, in place
     eng.flush()
-    assert put(5 * UNIT, UNIT) == UNIT  # committed: the unit moves to a new block
-    assert live_entry(eng, 0).addr != whole.addr and live_entry(eng, 0).base == whole.addr
+    assert eng.pool.commits == commits  # nothing but data to make durable: no commit
+    unflushed = os.urandom(UNIT)
+    write(eng, "live", 2 * UNIT, unflushed)
+    eng.device.close()  # a crash
+    check_clean(path)  # (the checker walks the metadata as committed)
+    eng = live.eng = open_pool(path)
+    got = read(eng, "live", 0, 2 * BS)  # verified against the retaken checksums
+    assert got[2 * UNIT : 3 * UNIT] in (live.want[2 * UNIT : 3 * UNIT], unflushed)
+    live.want[2 * UNIT : 3 * UNIT] = got[2 * UNIT : 3 * UNIT]
+    assert got == live.want
+    assert eng.scrub()["bad"] == []
+    eng = live.reopen(path)  # a clean close leaves an empty list
+    assert put(0, BS) == BS and live_entry(eng, 0).addr != e0.addr  # so the block moves
     eng.flush()
-    eng.device.close()  # a crash after the flush
+    moved = live_entry(eng, 0)
+    assert moved.addr in eng.pool.in_place_list
+    assert put(0, UNIT) == UNIT and live_entry(eng, 0) == moved  # listed again: in place
+    eng.create_snapshot("s1")
+    assert eng.pool.in_place_list == []  # s1 shares every block
+    snap = read(eng, "live@s1", 0, 2 * BS)
+    assert put(0, UNIT) == UNIT and live_entry(eng, 0).addr != moved.addr  # first write moves
+    assert read(eng, "live@s1", 0, 2 * BS) == snap
+    eng.close()
     check_clean(path)
     eng = open_pool(path)
     try:
-        assert read(eng, "live", 0, BS) == live.want
+        assert read(eng, "live", 0, 2 * BS) == live.want
         assert eng.scrub()["bad"] == []
     finally:
         eng.close()
+
+
+def test_a_rewind_retakes_the_blocks_later_generations_overwrote_in_place(tmp_path: Path) -> None:
+    """Generations after a rewind's target overwrote blocks of its in-place list in place, so
+    they hold data newer than the target's checksums: the rewind retakes them as an open after
+    a crash does. Every read verifies (the data is the newer one, as in a pool without
+    checksums) and scrub finds nothing."""
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    write(eng, "live", 0, os.urandom(2 * BS))
+    eng.flush()
+    target = eng.pool.sb.generation
+    assert len(eng.pool.in_place_list) == 2
+    for block in (0, 1):  # overwritten in place, each in a transaction that then commits
+        write(eng, "live", block * BS + UNIT, os.urandom(UNIT))
+        eng.pool.sb_dirty = True
+        eng.flush()
+    assert eng.pool.sb.generation == target + 2  # the target is inside the deferral window
+    now = read(eng, "live", 0, 2 * BS)
+    eng.device.close()  # a crash: no clean close
+    assert Engine.rewind(str(path), target)["rewound_to"] == target
+    dev = Device(str(path), readonly=True)
+    try:  # the rewind committed the retaken checksums (not left for the next open)
+        pool = Pool.open(dev, retake=False)
+        vol = next(iter(pool.volumes.values()))
+        for block in (0, 1):
+            addr = vol.resolve_block(None, block).addr
+            assert pool.ctx.sums is not None
+            pool.ctx.sums.verify(addr, 0, now[block * BS : (block + 1) * BS])
+    finally:
+        dev.close()
+    eng = open_pool(path)
+    try:
+        assert read(eng, "live", 0, 2 * BS) == now
+        assert eng.scrub()["bad"] == []
+    finally:
+        eng.close()
+    check_clean(path)
+
+
+def test_the_in_place_list_keeps_the_most_recent_blocks_up_to_its_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The list is the transaction's new blocks, then the listed ones it overwrote, then the
+    rest, without what it freed, cut at the bound: a block that falls off moves when next
+    overwritten (and is listed again as the new block)."""
+    assert inplace.next_list([1, 2, 3], {9, 8}, [3], [2], 4) == [8, 9, 3, 1]
+    assert inplace.next_list([1, 2, 3], set(), [], [], 2) == [1, 2]
+    monkeypatch.setattr(inplace, "IN_PLACE_BLOCKS", 4)
+    path = tmp_path / "pool.img"
+    eng = open_pool(path)
+    live = TrackedLive(eng, 6 * BS)  # six new blocks in one commit: four are listed
+    listed = eng.pool.in_place_list
+    assert len(listed) == 4
+    off_list = [b for b in range(6) if live_entry(eng, b).addr not in listed]
+    assert len(off_list) == 2
+    for b in range(6):
+        before = live_entry(eng, b).addr
+        assert live.put(b * BS, UNIT) == UNIT
+        assert (live_entry(eng, b).addr == before) == (b not in off_list)
+    eng.flush()
+    assert len(eng.pool.in_place_list) == 4
+    assert all(live_entry(eng, b).addr in eng.pool.in_place_list for b in off_list)
+    eng.close()
+    check_clean(path)

@@ -36,6 +36,7 @@ import hmac
 import re
 import struct
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -657,6 +658,32 @@ SUM_SIZE = 4  # XXH3-64's low half, or a CRC-32
 def sum_units(block_size: int) -> int:
     """Checksummed units per data block."""
     return block_size // SUM_UNIT
+
+
+_UNIT_SUM = struct.Struct("<I")
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_sums(n: int) -> struct.Struct:
+    return struct.Struct(f"<{n}I")
+
+
+def pack_unit_sums(sums: Iterable[int], n: int) -> bytes:
+    """n unit checksums as a data-checksum leaf keeps them (little-endian u32, unit order)."""
+    return _unit_sums(n).pack(*sums)
+
+
+def unit_sum_at(buf: bytes | bytearray, at: int) -> int:
+    """The unit checksum at byte offset at of a data-checksum leaf."""
+    return int(_UNIT_SUM.unpack_from(buf, at)[0])
+
+
+def put_unit_sum(buf: bytearray, at: int, value: int) -> None:
+    _UNIT_SUM.pack_into(buf, at, value)
+
+
+def unpack_unit_sums(packed: bytes) -> tuple[int, ...]:
+    return struct.unpack(f"<{len(packed) // SUM_SIZE}I", packed)
 
 
 def sums_leaf_capacity(block_size: int) -> int:

@@ -508,7 +508,7 @@ class Volume:
         writes: list[tuple[int, memoryview]] = []  # (disk offset, data), coalesced below
         remap: list[tuple[int, Entry, bool, Entry]] = []  # block, old entry, shared, new entry
         resum: list[tuple[int, Entry]] = []  # in-place blocks with their new entry
-        rewrites: list[tuple[int, int, memoryview]] = []  # in place with checksums: addr, at
+        summed: list[tuple[int, int, memoryview]] = []  # with checksums: block, at, bytes
         birth = ctx.birth()
         try:
             pos = 0
@@ -521,7 +521,7 @@ class Volume:
                 if in_place[i]:
                     writes.append((e.addr * bs + start, chunk))  # live's own: in place
                     if ctx.checksums:
-                        rewrites.append((e.addr, start, chunk))
+                        summed.append((e.addr, start, chunk))
                     elif e.incomplete:
                         resum.append((b, self._extend(ctx, e, start, n, writes)))
                     continue
@@ -531,7 +531,7 @@ class Volume:
                     # bytes go to it until the merge
                     writes.append((new * bs + start, chunk))
                     if ctx.checksums:
-                        data_sums(ctx).set(new, start, chunk)
+                        summed.append((new, start, chunk))
                     lo, hi = start // SECTOR, (start + n) // SECTOR
                     part = Entry(KIND_ADDR, new, birth, ENTRY_INCOMPLETE, lo, hi, base=e.addr)
                     remap.append((b, e, shared[i], part))
@@ -548,14 +548,14 @@ class Volume:
                     block = memoryview(merged)
                 writes.append((new * bs, block))
                 if ctx.checksums:
-                    data_sums(ctx).set(new, 0, block)
+                    summed.append((new, 0, block))
                 remap.append((b, e, shared[i], Entry(KIND_ADDR, new, birth)))
             write_coalesced(ctx.device, writes)
         except BaseException:
             ctx.allocator.unallocate(fresh)
             raise
-        for addr, start, chunk in rewrites:
-            note_in_place(ctx, addr, start, chunk)
+        if summed:
+            note_written(ctx, summed)
         for b, e, was_shared, now in remap:
             if was_shared:  # first write since the snapshot
                 self.shadows[latest].set(b, self._preserved(b, e))
@@ -728,6 +728,30 @@ def note_in_place(ctx: DataContext, addr: int, start: int, data: memoryview) -> 
     if lagging:
         ctx.rewritten.add(addr)
     data_sums(ctx).set(addr, start, data, lagging=lagging)
+
+
+def note_written(ctx: DataContext, pieces: list[tuple[int, int, memoryview]]) -> None:
+    """The checksums of whole units just written, as (block, byte start, bytes): a run of
+    pieces that continue each other on disk is hashed and stored as one. A block that was
+    not allocated in this transaction is on the in-place list: its checksums lag (see
+    note_in_place)."""
+    sums = data_sums(ctx)
+    bs = ctx.block_size
+    fresh = ctx.fresh
+    first = 0
+    for i in range(1, len(pieces) + 1):
+        if i < len(pieces):
+            (a, s, d), (b, t, _) = pieces[i - 1], pieces[i]
+            if b == a + 1 and s + len(d) == bs and t == 0 and (a in fresh) == (b in fresh):
+                continue
+        run = pieces[first:i]
+        addr, start, _ = run[0]
+        lagging = addr not in fresh
+        if lagging:
+            ctx.rewritten.update(a for a, _, _ in run)
+        units = [d[u : u + SUM_UNIT] for _, _, d in run for u in range(0, len(d), SUM_UNIT)]
+        sums.set_units(addr, start, units, lagging)
+        first = i
 
 
 def read_view_into(ctx: DataContext, e: Entry, out: memoryview, start: int) -> None:

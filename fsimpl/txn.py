@@ -454,14 +454,13 @@ class Pool:
             )
         self.ctx.in_place = frozenset(self.in_place_list)
 
-    def retake_in_place(self, extra: frozenset[int] = frozenset()) -> int:
-        """Take the checksums of the blocks on the committed in-place list (and extra) from
-        their data: the transaction after that commit may have overwritten them in place. In
-        memory; the next commit writes them. Returns how many blocks were retaken."""
-        blocks = set(self.in_place_list) | extra
-        if not blocks or self.ctx.sums is None:
+    def retake_in_place(self) -> int:
+        """Take the checksums of the blocks on the committed in-place list from their data:
+        the transaction after that commit may have overwritten them in place. In memory; the
+        next commit writes them. Returns how many blocks were retaken."""
+        if not self.in_place_list or self.ctx.sums is None:
             return 0
-        done = retake_sums(self.device, self.ctx.sums, blocks, self.device.path)
+        done = retake_sums(self.device, self.ctx.sums, self.in_place_list, self.device.path)
         log.info(
             "%s: %d blocks may have been overwritten in place when the pool stopped; their "
             "checksums are taken from their data",

@@ -5,9 +5,11 @@ physical block (fsimpl/datasums.py). A 4 KiB read verifies its own 4 KiB, a run 
 verified in one pass; one damaged unit fails the reads that touch it and no other; the first
 partial write after a snapshot defers its copy-on-write, and so does a partial overwrite of
 live's own block (the new block holds only the written units, with their checksums), reading
-exactly through crashes and never filling the pool; clones, flatten and writable snapshots keep
-every copy's checksums; a merge over a damaged unit goes on and keeps that unit failing; scrub
-and check find everything clean, or name the damaged block.
+exactly through crashes and never filling the pool; blocks on the in-place list (written since
+the last snapshot) are overwritten in place, a FLUSH after that commits nothing, and an open or a
+rewind takes their checksums from their data; clones, flatten and writable snapshots keep every
+copy's checksums; a merge over a damaged unit goes on and keeps that unit failing; scrub and
+check find everything clean, or name the damaged block.
 """
 
 from __future__ import annotations

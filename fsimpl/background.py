@@ -24,15 +24,15 @@ class BackgroundWork:
     def __init__(self, core: EngineCore) -> None:
         self.core = core
 
-    def tick(self) -> bool:
+    def tick(self, merges: bool = True) -> bool:
         """Periodic work: take one step of a pending delete or rollback (else of the deferred
-        merges, when live is idle), and commit a change older than COMMIT_INTERVAL. Returns
-        True while background work remains."""
+        merges, when live is idle and merges is true), and commit a change older than
+        COMMIT_INTERVAL. Returns True while background work remains."""
         core = self.core
         with core.lock:
             core.usable()
             more = self.step()
-            if not more and time.monotonic() - core.last_write >= MERGE_IDLE:
+            if merges and not more and time.monotonic() - core.last_write >= MERGE_IDLE:
                 more = self.merge_step()
             core.commit_if_due()
             return more

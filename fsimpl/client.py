@@ -127,7 +127,10 @@ class DirectClient(PoolClient):
         return json.loads(json.dumps(result))  # the same shapes the socket would deliver
 
     def close(self) -> None:
-        while self.engine.tick():  # finish reclaiming what this session deleted
+        # Finish reclaiming what this session deleted, but leave deferred merges to a server's
+        # idle time: a command that only reads must not spend minutes merging (and writing)
+        # every incomplete block of a large pool.
+        while self.engine.tick(merges=False):
             pass
         self.engine.close()
 

@@ -210,10 +210,10 @@ class Engine:
 
     # --- background work (background.py) ------------------------------------------------------
 
-    def tick(self) -> bool:
+    def tick(self, merges: bool = True) -> bool:
         if self.core.pool.damage:
             return False  # a degraded pool changes nothing (txn.Pool._damaged)
-        more = self.background.tick()
+        more = self.background.tick(merges)
         with self.core.lock:
             return self.scrubber.step() or more
 

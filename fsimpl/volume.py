@@ -400,7 +400,7 @@ class Volume:
             return
         cap = self.live.capacity
         whole_pass = self.scan_leaf == 0
-        for leaf_no in list(self.live.leaf_numbers(self.scan_leaf)):
+        for leaf_no in self.live.leaf_numbers(self.scan_leaf):  # lazily: most calls stop early
             for b, e in self.live.entries_in(leaf_no * cap, cap):
                 if e.incomplete:
                     self.incomplete.add(b)

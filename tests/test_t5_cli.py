@@ -30,7 +30,9 @@ from harness import NbdkitServer, require
 from support.data import sha256_file as sha256
 from support.logcheck import NO_SUCH_SNAPSHOT, SNAPSHOT_GONE, VOLUME_CHANGED
 from support.snapctl import shown as show
-from support.snapctl import snapctl
+from support.snapctl import snapctl, snapctl_json
+
+from fsimpl.engine import Engine
 
 KIB = 1024
 MIB = 1 << 20
@@ -1302,3 +1304,24 @@ def test_create_freeze(pool: Pool, ext4_mount: Path, tmp_path: Path) -> None:
     assert_error(cp, 3)
     assert_thawed(ext4_mount, "after a missing pool")
     assert pool.names() == ["f1", "f2"]
+
+
+def test_direct_mode_leaves_deferred_merges_to_the_server(tmp_path: Path) -> None:
+    """snapctl without a server runs no deferred merges: a command that only reads leaves a
+    pool with unmerged blocks byte-identical (merging every incomplete block of a large pool
+    is a server's idle work, not a side effect of `list`)."""
+    disk = tmp_path / "pool.img"
+    eng = Engine.open(str(disk), create_size=SIZE, block_size=BS, claim=False)
+    ex = eng.open_export("live", False)
+    eng.write(ex, memoryview(os.urandom(SIZE)), 0)
+    eng.create_snapshot("s1")
+    for b in range(0, SIZE // BS, 3):  # first writes after the snapshot: incomplete blocks
+        eng.write(ex, memoryview(os.urandom(4096)), b * BS + 8192)
+    eng.close()
+    unmerged = snapctl_json("info", disk=disk)["volumes"][0]["unmerged_blocks"]
+    assert unmerged == len(range(0, SIZE // BS, 3)), unmerged
+    digest = sha256(disk)
+    for args in (("list",), ("info",), ("diff", "s1")):
+        snapctl(*args, disk=disk, check=True)
+        assert sha256(disk) == digest, f"snapctl {' '.join(args)} changed the disk"
+    assert snapctl_json("info", disk=disk)["volumes"][0]["unmerged_blocks"] == unmerged

@@ -25,6 +25,7 @@ from typing import Any
 
 import nbd
 from harness import require
+from support.nbdclose import disconnect
 
 from fsimpl.checker import CheckReport, check
 from fsimpl.device import Device
@@ -214,13 +215,7 @@ def nbd_errno(e: nbd.Error) -> int | None:
     return getattr(errno, str(code), None) if code else None
 
 
-def close_quietly(h: nbd.NBD | None) -> None:
-    if h is None:
-        return
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+close_quietly = disconnect  # (support.nbdclose: a connection already dropped goes away)
 
 
 # --- loop devices ----------------------------------------------------------------------------

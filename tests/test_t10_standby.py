@@ -51,6 +51,7 @@ from harness import SNAPCTL, NbdkitServer
 from kernel import KernelExport, require_kernel_tools, run, tool
 from netns import Host, TwoHosts
 from support.logcheck import READ_ONLY_REQUEST
+from support.nbdclose import disconnect
 from support.snapctl import shown as show
 from support.snapctl import snapctl
 
@@ -172,11 +173,7 @@ class Image:
     chunks: tuple[str, ...]
 
 
-def close(h: nbd.NBD) -> None:
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+close = disconnect  # (support.nbdclose)
 
 
 def image(srv: NbdkitServer, export: str = "live") -> Image:

@@ -19,6 +19,7 @@ import nbd
 import pytest
 from harness import NbdkitServer, require
 from support.logcheck import NO_SUCH_SNAPSHOT, READ_ONLY_REQUEST, SNAPSHOT_GONE
+from support.nbdclose import disconnect
 
 BS = 64 * 1024  # the default block size (asserted in test_nbdinfo_lists_exports)
 SIZE = 4 << 20  # 64 blocks: small enough to compare every export whole, every time
@@ -51,12 +52,7 @@ def assert_same(actual: bytes, expected: bytes | bytearray, what: str) -> None:
     )
 
 
-def close(h: nbd.NBD) -> None:
-    """Disconnect politely; a handle whose server was killed just goes away."""
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+close = disconnect  # (support.nbdclose)
 
 
 def read_all(h: nbd.NBD) -> bytes:

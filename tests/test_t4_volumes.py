@@ -24,6 +24,7 @@ import nbd
 import pytest
 from harness import NbdkitServer, require, run_snapctl
 from support.logcheck import NO_SUCH_SNAPSHOT, NO_SUCH_VOLUME
+from support.nbdclose import disconnect
 
 from fsimpl.checker import check
 from fsimpl.client import SocketClient
@@ -38,11 +39,7 @@ PARAMS = {"block-size": str(BS)}
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def close(h: nbd.NBD) -> None:
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+close = disconnect  # (support.nbdclose)
 
 
 def read_all(h: nbd.NBD) -> bytes:

@@ -29,6 +29,7 @@ import pytest
 from harness import NbdkitServer, require
 from support.data import sha256_file as sha256
 from support.logcheck import NO_SUCH_SNAPSHOT, SNAPSHOT_GONE, VOLUME_CHANGED
+from support.nbdclose import disconnect
 from support.snapctl import shown as show
 from support.snapctl import snapctl, snapctl_json
 
@@ -96,11 +97,7 @@ def assert_error(cp: subprocess.CompletedProcess[str], rc: int, *needles: str) -
     return lines[0]
 
 
-def close(h: nbd.NBD) -> None:
-    try:
-        h.shutdown()
-    except nbd.Error:
-        pass
+close = disconnect  # (support.nbdclose)
 
 
 def assert_same(actual: bytes, expected: bytes | bytearray, what: str) -> None:

@@ -7,8 +7,8 @@ import json
 import os
 from pathlib import Path
 
-import nbd
 from harness import run_snapctl
+from support.nbdclose import disconnect
 from t8_helpers import LoopDevices
 
 
@@ -44,10 +44,7 @@ def test_snapshot_min_free_refuses_snapshots_not_writes(servers, tmp_path: Path)
             "s2",
             "s3",
         ]
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
+        disconnect(h)
         srv.stop()
         assert run_snapctl(Path(dev), "check", env=env).returncode == 0
     finally:

@@ -94,7 +94,12 @@ class BackgroundWork:
                     pool.finish_volume_delete(vol)
                     core.commit()
             elif op == OP_FLATTEN:
-                vol.inode.op_target = snapops.flatten_step(pool.ctx, vol, vol.inode.op_target, stop)
+                # a step takes its copies whole or not at all, so a full pool can make room
+                # (merges, expired deferred frees) and run it again
+                target = vol.inode.op_target
+                vol.inode.op_target = core.making_room(
+                    lambda: snapops.flatten_step(pool.ctx, vol, target, stop)  # noqa: B023
+                )
                 pool.touch_inode(vol.inode)
                 if vol.inode.op_target >= vol.origin_blocks:
                     vol.inode.op = OP_NONE

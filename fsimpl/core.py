@@ -21,10 +21,18 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from .device import Device
-from .errors import CorruptMetadata, DamagedPool, DittoError, InvalidArgument, NotFound, Refused
+from .errors import (
+    CorruptMetadata,
+    DamagedPool,
+    DittoError,
+    InvalidArgument,
+    NoSpace,
+    NotFound,
+    Refused,
+)
 from .layout import (
     DEFER_GENERATIONS,
     OP_DELETE,
@@ -40,6 +48,8 @@ from .names import check_name
 from .opening import read_only_disk
 from .txn import Pool
 from .volume import COW_COPY, COW_MOVE, MERGE_DEFERRED, MERGE_IMMEDIATE, Volume
+
+T = TypeVar("T")
 
 log = logging.getLogger("dittofs")
 
@@ -203,6 +213,18 @@ class EngineCore:
             self.pool.sb_dirty = True
             self.commit()
         return True
+
+    def making_room(self, change: Callable[[], T]) -> T:
+        """Run change; if the pool has no room for it, make room (merges, and commits that let
+        the deferral window's frees expire) and run it once more. change must leave nothing
+        behind when it raises NoSpace (allocations are taken whole or not at all). Every
+        writer goes through here: live and snapshot writes, receive, flatten."""
+        try:
+            return change()
+        except NoSpace:
+            if not self.make_room():
+                raise
+            return change()
 
     def keep_commit_room(self) -> None:
         """Commit now if the open transaction has eaten into the reserve: a commit must always

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from . import writable
 from .core import EngineCore
-from .errors import DamagedPool, ExportGone, NoSpace, NotFound, OutOfRange, ReadOnlyExport
+from .errors import DamagedPool, ExportGone, NotFound, OutOfRange, ReadOnlyExport
 from .layout import (
     KIND_ADDR,
     OP_DELETE,
@@ -227,24 +227,13 @@ class ExportRequests:
         else:
             writable.write_snapshot(core.pool.ctx, vol, ex.snap_id, data, offset)
 
-    def _put_making_room(self, vol: Volume, ex: Export, data: memoryview, offset: int) -> None:
-        try:
-            self._put(vol, ex, data, offset)
-        except NoSpace:
-            # Blocks freed lately (the open transaction's, the deferral window's), the bases
-            # of unmerged partial writes and the room kept for committing come back with
-            # merges and commits; if the pool is still full, the writer hears it.
-            if not self.core.make_room():
-                raise
-            self._put(vol, ex, data, offset)
-
     def write(self, ex: Export, data: memoryview, offset: int, fua: bool = False) -> None:
         core = self.core
         with core.lock:
             vol = self._writable(ex)
             self._range(ex, offset, len(data))
             if len(data):
-                self._put_making_room(vol, ex, data, offset)
+                core.making_room(lambda: self._put(vol, ex, data, offset))
             if fua:
                 core.make_durable()
 
@@ -307,7 +296,8 @@ class ExportRequests:
                     pos += n  # reads zeros already
                     continue
                 n = min(stop - pos, 64 * bs) if n == bs else n
-                self._put_making_room(vol, ex, memoryview(bytes(n)), pos)
+                zeros = memoryview(bytes(n))
+                core.making_room(lambda: self._put(vol, ex, zeros, pos))  # noqa: B023
                 pos += n
             if fua:
                 core.make_durable()

@@ -423,7 +423,8 @@ class ReplicationStreams(OperationModule):
             data = memoryview(payload)[16:]
             if vi >= len(vols) or len(data) != count * bs:
                 raise StreamError("a DATA record does not fit the stream's volumes")
-            vols[vi].write(ctx, data, first * bs, self.core.cow)
+            vol = vols[vi]
+            self.core.making_room(lambda: vol.write(ctx, data, first * bs, self.core.cow))
         elif rtype == REC_HOLE:
             vi, first, count = unpack_hole(payload)
             if vi >= len(vols):

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from .blockmap import BlockMap
+from .errors import NoSpace
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
 from .volume import DataContext, Volume, copy_block
 
@@ -163,8 +164,10 @@ def free_map_step(ctx: DataContext, m: BlockMap, stop: Callable[[], bool]) -> bo
 def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], bool]) -> int:
     """Copy a clone's origin data into blocks of its own, from block cursor on: live blocks it
     never wrote, and its snapshots' ORIGIN entries. Returns the next cursor; the clone is
-    independent once the cursor reaches the origin's size."""
+    independent once the cursor reaches the origin's size. Raises NoSpace only if it could
+    copy nothing."""
     assert vol.origin is not None
+    start = cursor
     end = vol.origin_blocks
     step = vol.live.capacity
     while cursor < end:
@@ -179,7 +182,12 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
                 if e.kind == KIND_ORIGIN:
                     todo.append((b - cursor, vol.shadows[sid], e))
         data = [(i, m, e) for i, m, e in todo if origin_view[i].kind == KIND_ADDR]
-        copies = ctx.allocator.allocate_many(len(data), 2 * len(vol.chain) + 8)
+        try:
+            copies = ctx.allocator.allocate_many(len(data), 2 * len(vol.chain) + 8)
+        except NoSpace:
+            if cursor == start:
+                raise  # nothing done: the caller may make room and run the step again
+            break  # keep what this step did; the next one starts here
         try:
             for (i, _, _), c in zip(data, copies, strict=True):
                 copy_block(ctx, origin_view[i], c)

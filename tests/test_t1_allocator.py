@@ -3,6 +3,7 @@ their metadata cache (fsimpl/radix.py). Pure in-process on image files under tmp
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -573,3 +574,66 @@ def test_metastore_cache_is_bounded_and_reads_through(rig: Rig) -> None:
     n = store3.nodes_read
     contents(t3)
     assert store3.nodes_read == n == 101
+
+
+def _fixed_pool(path: Path, nblocks: int) -> Engine:
+    with open(path, "wb") as f:
+        f.truncate(nblocks * BS)
+    dev = Device(str(path))
+    dev.lock()
+    return Engine(dev, Pool.format(dev, BS, 1 << 20, growable=False), "move", DEFAULT_CACHE_BYTES)
+
+
+def _fill_then_free(eng: Engine, start: int) -> None:
+    """Fill live from block start until the pool is full, then trim that back and flush: the
+    space a next change needs is in the deferral window only (freed by the last commit)."""
+    ex = eng.open_export("live", False)
+    filled = start
+    with pytest.raises(NoSpace):
+        while True:
+            eng.write(ex, memoryview(os.urandom(BS)), filled * BS)
+            filled += 1
+    eng.trim(ex, start * BS, (filled - start) * BS)
+    eng.flush()
+
+
+def test_flatten_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) -> None:
+    """A flatten that finds no room lets the frees waiting in the deferral window expire
+    (as a write does), instead of failing while the pool has the space."""
+    keep = 48
+    eng = _fixed_pool(tmp_path / "flatten.img", 220)
+    kept = os.urandom(keep * BS)
+    eng.write(eng.open_export("live", False), memoryview(kept), 0)
+    eng.create_snapshot("s")
+    eng.clone("live@s", "c")
+    _fill_then_free(eng, keep)
+    alloc = eng.pool.allocator
+    assert alloc.available < keep <= alloc.waiting  # room only once the window expires
+    eng.flatten("c")
+    assert eng.volume("c").origin is None
+    buf = bytearray(keep * BS)
+    eng.read(eng.open_export("c", True), memoryview(buf), 0)
+    assert buf == kept
+    eng.delete_snapshot("s")  # nothing depends on s any more
+    eng.close()
+
+
+def test_receive_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) -> None:
+    keep = 48
+    source = Engine.open(str(tmp_path / "src.img"), create_size=1 << 20, block_size=BS, claim=False)
+    data = os.urandom(keep * BS)
+    source.write(source.open_export("live", False), memoryview(data), 0)
+    source.create_snapshot("s")
+    stream = io.BytesIO()
+    source.send(None, "s", stream)
+    source.close()
+    eng = _fixed_pool(tmp_path / "target.img", 220)
+    _fill_then_free(eng, 0)
+    alloc = eng.pool.allocator
+    assert alloc.available < keep <= alloc.waiting
+    stream.seek(0)
+    eng.receive(stream, force=True)
+    buf = bytearray(keep * BS)
+    eng.read(eng.open_export("live@s", True), memoryview(buf), 0)
+    assert buf == data
+    eng.close()

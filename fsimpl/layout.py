@@ -108,6 +108,8 @@ BT_SNAP_LEAF = 4
 BT_BITMAP = 5
 BT_SUMS_LEAF = 6
 BT_IN_PLACE_LEAF = 7
+BT_KEYED_INTERIOR = 8
+BT_KEYED_LEAF = 9
 
 BLOCK_TYPE_NAMES = {
     BT_SUPER: "superblock",
@@ -118,6 +120,8 @@ BLOCK_TYPE_NAMES = {
     BT_BITMAP: "free-space bitmap",
     BT_SUMS_LEAF: "data-checksum leaf",
     BT_IN_PLACE_LEAF: "in-place block list leaf",
+    BT_KEYED_INTERIOR: "keyed interior node",
+    BT_KEYED_LEAF: "keyed leaf",
 }
 
 _SALT = {
@@ -129,6 +133,8 @@ _SALT = {
     BT_BITMAP: 0x5A3D1706,
     BT_SUMS_LEAF: 0x63C42A07,
     BT_IN_PLACE_LEAF: 0x7A5E0B08,
+    BT_KEYED_INTERIOR: 0x0B7EE109,
+    BT_KEYED_LEAF: 0x1EAF5E0A,
 }
 
 
@@ -713,6 +719,105 @@ def pack_block_numbers(buf: bytearray, blocks: list[int]) -> None:
 def unpack_block_numbers(buf: bytes | bytearray, n: int) -> list[int]:
     """The first n block numbers of a leaf."""
     return list(struct.unpack_from(f"<{n}Q", buf, HEADER_SIZE))
+
+
+# --- keyed trees ------------------------------------------------------------------------------
+
+# A keyed tree (keyed.py) is a copy-on-write B+tree of sorted records with 16-byte keys. Keys are
+# stored big-endian, so that comparing the bytes compares the numbers: a node is searched where
+# it lies in the cache, without decoding it. A leaf holds `records` pairs of key and value (a
+# fixed size per tree); an interior node holds `records` pairs of key (a lower bound of every key
+# under the child; the first child's is its least key when written) and block pointer.
+KEY_SIZE = 16
+
+
+def keyed_leaf_capacity(block_size: int, value_size: int) -> int:
+    """Records one keyed leaf holds."""
+    return (block_size - HEADER_SIZE) // (KEY_SIZE + value_size)
+
+
+def keyed_fanout(block_size: int) -> int:
+    """Children one keyed interior node holds."""
+    return (block_size - HEADER_SIZE) // (KEY_SIZE + POINTER_SIZE)
+
+
+def pack_key(high: int, low: int) -> bytes:
+    """A key ordered by high, then low (two unsigned 64-bit numbers)."""
+    return ((high << 64) | low).to_bytes(KEY_SIZE, "big")
+
+
+def unpack_key(key: bytes) -> tuple[int, int]:
+    n = int.from_bytes(key, "big")
+    return n >> 64, n & 0xFFFFFFFFFFFFFFFF
+
+
+def keyed_key_at(buf: bytes | bytearray, record_size: int, i: int) -> bytes:
+    """The key of record i of a keyed node (leaf or interior)."""
+    off = HEADER_SIZE + record_size * i
+    return bytes(buf[off : off + KEY_SIZE])
+
+
+def keyed_search(buf: bytes | bytearray, record_size: int, n: int, key: bytes) -> int:
+    """The index of the first of the node's n records whose key is not below key (n: none)."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        off = HEADER_SIZE + record_size * mid
+        if buf[off : off + KEY_SIZE] < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def keyed_leaf_records(
+    buf: bytes | bytearray, value_size: int, n: int
+) -> tuple[list[bytes], list[bytes]]:
+    """A keyed leaf's n keys and values, in order."""
+    rs = KEY_SIZE + value_size
+    body = bytes(buf[HEADER_SIZE : HEADER_SIZE + rs * n])
+    keys = [body[i : i + KEY_SIZE] for i in range(0, len(body), rs)]
+    values = [body[i + KEY_SIZE : i + rs] for i in range(0, len(body), rs)]
+    return keys, values
+
+
+def keyed_value_at(buf: bytes | bytearray, value_size: int, i: int) -> bytes:
+    off = HEADER_SIZE + (KEY_SIZE + value_size) * i + KEY_SIZE
+    return bytes(buf[off : off + value_size])
+
+
+def keyed_interior_records(
+    buf: bytes | bytearray, n: int
+) -> tuple[list[bytes], list[BlockPointer]]:
+    """A keyed interior node's n keys and child pointers, in order."""
+    rs = KEY_SIZE + POINTER_SIZE
+    keys: list[bytes] = []
+    pointers: list[BlockPointer] = []
+    for i in range(n):
+        off = HEADER_SIZE + rs * i
+        keys.append(bytes(buf[off : off + KEY_SIZE]))
+        pointers.append(BlockPointer(*POINTER.unpack_from(buf, off + KEY_SIZE)))
+    return keys, pointers
+
+
+def keyed_pointer_at(buf: bytes | bytearray, i: int) -> BlockPointer:
+    a0, a1, gen, crc = POINTER.unpack_from(
+        buf, HEADER_SIZE + (KEY_SIZE + POINTER_SIZE) * i + KEY_SIZE
+    )
+    return BlockPointer(a0, a1, gen, crc)
+
+
+def pack_keyed_leaf(buf: bytearray, keys: list[bytes], values: list[bytes]) -> None:
+    """Write a keyed leaf's records after its header, zeroing what follows them."""
+    body = b"".join(k + v for k, v in zip(keys, values, strict=True))
+    buf[HEADER_SIZE : HEADER_SIZE + len(body)] = body
+    buf[HEADER_SIZE + len(body) :] = bytes(len(buf) - HEADER_SIZE - len(body))
+
+
+def pack_keyed_interior(buf: bytearray, keys: list[bytes], pointers: list[BlockPointer]) -> None:
+    body = b"".join(k + POINTER.pack(*p) for k, p in zip(keys, pointers, strict=True))
+    buf[HEADER_SIZE : HEADER_SIZE + len(body)] = body
+    buf[HEADER_SIZE + len(body) :] = bytes(len(buf) - HEADER_SIZE - len(body))
 
 
 # --- inode records -----------------------------------------------------------------------------

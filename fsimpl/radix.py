@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from .device import Device
 from .errors import CorruptMetadata, DittoError
@@ -55,7 +56,17 @@ from .layout import (
 class Node:
     """One metadata block in memory."""
 
-    __slots__ = ("buf", "level", "addr", "dirty", "children", "count", "mask", "pointer")
+    __slots__ = (
+        "buf",
+        "level",
+        "addr",
+        "dirty",
+        "children",
+        "count",
+        "mask",
+        "pointer",
+        "records",
+    )
 
     def __init__(self, buf: bytearray, level: int, addr: int, count: int = 0) -> None:
         self.buf = buf
@@ -66,6 +77,9 @@ class Node:
         self.children: dict[int, Node] = {}  # interior: dirty children, pinned
         self.count = count  # leaf: records in use
         self.mask: int | None = None  # leaf: owner's cached summary (e.g. non-empty entries)
+        # a keyed tree's dirty node, decoded: its keys and its values (a leaf) or children
+        # (interior: a pointer, or the dirty child itself, pinned); None while clean
+        self.records: tuple[list[bytes], list[Any]] | None = None
 
 
 RECENT_LEAVES = 32  # per tree

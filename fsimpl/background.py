@@ -89,8 +89,9 @@ class BackgroundWork:
                 if pool.clones_of(vol):
                     continue  # its clones go first
                 # live first: its incomplete blocks point into the snapshots' blocks
-                maps = [vol.live] + [vol.shadows[s] for s in vol.chain]
-                if all(snapops.free_map_step(pool.ctx, m, stop) for m in maps):
+                if snapops.free_map_step(pool.ctx, vol.live, stop) and all(
+                    snapops.free_shadow_step(pool.ctx, vol.shadows[s], stop) for s in vol.chain
+                ):
                     pool.finish_volume_delete(vol)
                     core.commit()
             elif op == OP_FLATTEN:

@@ -1,4 +1,5 @@
-"""Block maps: a volume's live map or a snapshot's shadow map, as entries in a radix tree.
+"""Block maps: a volume's live map, as entries in a radix tree (and a snapshot's shadow map in a
+version 1 pool being upgraded; version 2 keeps those in the shadow index, shadow_index.py).
 
 A map translates a logical block number to an `Entry` (layout.py). Absent leaves read as
 `EMPTY_ENTRY`: unallocated in a live map, DITTO in a shadow map. The map keeps its inode's
@@ -12,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from .chain_index import ChainIndex
 from .layout import (
     BT_MAP_LEAF,
     EMPTY_ENTRY,
@@ -43,7 +43,6 @@ class BlockMap:
         self.inode = inode
         self.dirty_maps = dirty  # the transaction's set of maps to write at commit
         self.version = 0  # bumped on every change: keys caches derived from the entries
-        self.index: ChainIndex | None = None  # a shadow map's volume's index, kept exact here
         self.capacity = map_leaf_capacity(store.block_size)
         self.tree = RadixTree(
             store, inode.ino, BT_MAP_LEAF, self.capacity, inode_root(inode), inode.height
@@ -116,8 +115,6 @@ class BlockMap:
         now_empty = e == EMPTY_ENTRY
         inode = self.inode
         if was_empty != now_empty:
-            if self.index is not None:
-                self.index.entry_changed(self.inode.snap_id, block, was_empty)
             delta = 1 if was_empty else -1
             node.count += delta
             inode.entry_count += delta
@@ -132,8 +129,6 @@ class BlockMap:
 
     def detach_leaf(self, leaf_no: int) -> Node | None:
         node = self.tree.detach_leaf(leaf_no)
-        if self.index is not None:
-            self.index.leaf_changed(leaf_no)
         self.dirty_maps.add(self)
         self.version += 1
         if node is not None:
@@ -142,8 +137,6 @@ class BlockMap:
 
     def attach_leaf(self, leaf_no: int, node: Node) -> None:
         self.tree.attach_leaf(leaf_no, node)
-        if self.index is not None:
-            self.index.leaf_changed(leaf_no)
         self.dirty_maps.add(self)
         self.version += 1
         self._account_leaf(node, +1)
@@ -170,7 +163,16 @@ def inode_root(inode: InodeRecord) -> BlockPointer:
     return BlockPointer(inode.root, inode.root1, inode.root_gen, inode.root_csum)
 
 
-def commit_inode_tree(tree: RadixTree, inode: InodeRecord) -> None:
+class RootedTree(Protocol):
+    """A tree of metadata blocks that an inode points at (radix or keyed)."""
+
+    root: BlockPointer
+    height: int
+
+    def commit(self) -> None: ...
+
+
+def commit_inode_tree(tree: RootedTree, inode: InodeRecord) -> None:
     """Write an inode's dirty tree; its record then points at the new root."""
     tree.commit()
     inode.root, inode.root1, inode.root_gen, inode.root_csum = tree.root

@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .blockmap import BlockMap
 from .device import Device
 from .errors import (
     CorruptMetadata,
@@ -47,7 +46,6 @@ from .errors import (
 )
 from .layout import (
     BLOCK_TYPE_NAMES,
-    BT_INTERIOR,
     BT_SUPER,
     KIND_ADDR,
     KIND_HOLE,
@@ -67,7 +65,8 @@ from .layout import (
     first_data_block,
     unpack_superblock,
 )
-from .radix import RadixTree
+from .radix import MetadataTree
+from .shadow_index import ShadowMap
 from .txn import Pool, read_superblock, refuse_if_in_use
 from .volume import Volume
 
@@ -283,7 +282,7 @@ class _Walker:
         n = 0
         for what, tree in self.pool.metadata_trees():
 
-            def walk(what: str = what, tree: RadixTree = tree) -> None:
+            def walk(what: str = what, tree: MetadataTree = tree) -> None:
                 nonlocal n
                 for ptr, level in tree.all_node_pointers():
                     for addr in (ptr.addr0, ptr.addr1):
@@ -295,13 +294,13 @@ class _Walker:
             self._guard(what, walk)
         self.report.stats["metadata_blocks"] = n
 
-    def _verify_copies(self, what: str, tree: RadixTree, ptr: BlockPointer, level: int) -> None:
+    def _verify_copies(self, what: str, tree: MetadataTree, ptr: BlockPointer, level: int) -> None:
         """Each copy of a node on its own. One bad copy beside a good one is healable damage
         (reads use the good one; the server rewrites the bad one when it meets it, scrub or
         check --repair at once); both bad is fatal, reported by the pass that needs the node."""
         if not ptr.addr1:
             return  # one copy: the walks that read the node judge it
-        bad = tree.store.bad_copies(ptr, tree.leaf_type if level == 0 else BT_INTERIOR)
+        bad = tree.store.bad_copies(ptr, tree.block_type(level))
         if len(bad) != 1:
             return
         addr, problem = bad[0]
@@ -419,7 +418,7 @@ class _Walker:
         for sid in vol.chain:
             shadow = vol.shadows[sid]
 
-            def walk_shadow(sid: int = sid, shadow: BlockMap = shadow) -> None:
+            def walk_shadow(sid: int = sid, shadow: ShadowMap = shadow) -> None:
                 owned = entries = 0
                 for b, e in shadow.iter_entries():
                     entries += 1
@@ -449,6 +448,10 @@ class _Walker:
 
             name = pool.snapshots[sid].name
             shadows_ok &= self._guard(f"snapshot {sid} ({name})'s map of {vol.name}", walk_shadow)
+        if vol.shadow_index is not None:
+            shadows_ok &= self._guard(
+                f"shadow index of {vol.name}", lambda: self._check_shadow_index(vol)
+            )
         if latest and vol.inode.op != OP_ROLLBACK and live_ok and shadows_ok:
             self._check_sharing(vol, latest, births, recent)
         if live_ok and shadows_ok:
@@ -456,6 +459,36 @@ class _Walker:
         self.report.stats["incomplete_blocks"] = self.report.stats.get(
             "incomplete_blocks", 0
         ) + len(incomplete)
+
+    def _check_shadow_index(self, vol: Volume) -> None:
+        """The index and the list hold the same entries, each of a snapshot of this volume:
+        an entry only the index holds is read but never walked (a delete would leave it), one
+        only the list holds is walked but never read. Each index entry is looked up in the
+        list, and the counts compared."""
+        index = vol.shadow_index
+        assert index is not None
+        chain = set(vol.chain)
+        indexed = listed = 0
+        for b, sid, _ in index.all_entries():
+            indexed += 1
+            where = f"shadow index of {vol.name}, snapshot {sid} block {b}"
+            if sid not in chain:
+                self.report.add(
+                    "shadow_index", True, where, f"{where}: no such snapshot of {vol.name}"
+                )
+            elif not index.is_listed(sid, b):
+                self.report.add(
+                    "shadow_index", True, where, f"{where}: the shadow list does not hold it"
+                )
+        for _ in index.all_listed():
+            listed += 1
+        if listed != indexed:
+            self.report.add(
+                "shadow_index",
+                True,
+                f"shadow list of {vol.name}",
+                f"shadow list of {vol.name}: {listed} entries, the index {indexed}",
+            )
 
     def _check_incomplete(self, vol: Volume, incomplete: list[tuple[int, Entry]]) -> None:
         """A deferred merge's block: a valid range that is a proper part of the block, and a

@@ -93,8 +93,12 @@ class KeyedTree:
             return None
         return self._load(self.root, self.height)
 
+    def block_type(self, level: int) -> int:
+        """The type of this tree's nodes at level (what a read of one verifies)."""
+        return BT_KEYED_LEAF if level == 0 else BT_KEYED_INTERIOR
+
     def _load(self, ptr: BlockPointer, level: int) -> Node:
-        return self.store.load(ptr, BT_KEYED_LEAF if level == 0 else BT_KEYED_INTERIOR, level)
+        return self.store.load(ptr, self.block_type(level), level)
 
     def _child_index(self, node: Node, key: bytes) -> int:
         """The child of an interior node whose range holds key: the last one whose lower
@@ -138,7 +142,23 @@ class KeyedTree:
 
     def ceiling(self, key: bytes) -> tuple[bytes, bytes] | None:
         """The first record whose key is not below key, or None."""
-        for found in self.items(key):
+        leaf = self._leaf_for(key)  # one descent: the answer is in this leaf, or the next
+        if leaf is None:
+            return None
+        if leaf.records is not None:
+            keys = leaf.records[0]
+            i = bisect.bisect_left(keys, key)
+            if i < len(keys):
+                return keys[i], leaf.records[1][i]
+        else:
+            n = leaf.count
+            i = keyed_search(leaf.buf, self._leaf_record, n, key)
+            if i < n:
+                return (
+                    keyed_key_at(leaf.buf, self._leaf_record, i),
+                    keyed_value_at(leaf.buf, self.value_size, i),
+                )
+        for found in self.items(key):  # past the leaf's last key
             return found
         return None
 
@@ -293,11 +313,12 @@ class KeyedTree:
             if size >= limit // 4 or len(parent.records[0]) < 2:
                 return
             left = index - 1 if index > 0 else index
+            sibling = left if left != index else left + 1
+            if size + self._size(self._child(parent, sibling)) > limit * 3 // 4:
+                return  # (decided before the sibling is copied: it stays as it is)
             a = self._dirty_child(parent, left)
             b = self._dirty_child(parent, left + 1)
             assert a.records is not None and b.records is not None
-            if len(a.records[0]) + len(b.records[0]) > limit * 3 // 4:
-                return
             if node.level > 0:  # b's first bound, made exact: it now follows a's children
                 b.records[0][0] = parent.records[0][left + 1]
             a.records[0].extend(b.records[0])

@@ -29,6 +29,7 @@ peer and last common snapshot, and an in-use record (host, PID) for multihost pr
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import hashlib
@@ -36,7 +37,7 @@ import hmac
 import re
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -643,6 +644,21 @@ def write_entry(buf: bytearray, index: int, e: Entry) -> None:
     )
 
 
+def entry_bytes(e: Entry) -> bytes:
+    """An entry as a map leaf or the shadow index stores it."""
+    buf = bytearray(HEADER_SIZE + ENTRY_SIZE)
+    write_entry(buf, 0, e)
+    return bytes(buf[HEADER_SIZE:])
+
+
+def entry_from_bytes(raw: bytes) -> Entry:
+    word, birth, lo, hi, tail = MAP_ENTRY.unpack(raw)
+    flags = word >> 56
+    if flags & ENTRY_INCOMPLETE:
+        return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, lo, hi, 0, tail)
+    return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, lo, hi, tail & 0xFFFFFFFF)
+
+
 def entry_is_empty(buf: bytes | bytearray, index: int) -> bool:
     off = HEADER_SIZE + ENTRY_SIZE * index
     return buf[off : off + ENTRY_SIZE] == _ZERO_ENTRY
@@ -757,17 +773,21 @@ def keyed_key_at(buf: bytes | bytearray, record_size: int, i: int) -> bytes:
     return bytes(buf[off : off + KEY_SIZE])
 
 
+@functools.lru_cache(maxsize=32)
+def _key_slices(record_size: int, block_size: int) -> list[slice]:
+    """Where each record's key lies in a keyed node of block_size bytes."""
+    n = (block_size - HEADER_SIZE) // record_size
+    return [
+        slice(HEADER_SIZE + record_size * i, HEADER_SIZE + record_size * i + KEY_SIZE)
+        for i in range(n)
+    ]
+
+
 def keyed_search(buf: bytes | bytearray, record_size: int, n: int, key: bytes) -> int:
-    """The index of the first of the node's n records whose key is not below key (n: none)."""
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        off = HEADER_SIZE + record_size * mid
-        if buf[off : off + KEY_SIZE] < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+    """The index of the first of the node's n records whose key is not below key (n: none).
+    A binary search in C: the node's own slicing is the key function."""
+    key_at: Callable[[slice], bytes] = buf.__getitem__  # type: ignore[assignment]
+    return bisect.bisect_left(_key_slices(record_size, len(buf)), key, 0, n, key=key_at)
 
 
 def keyed_leaf_records(
@@ -830,6 +850,11 @@ INODE_CHECKSUMS = 3
 # the blocks the transaction after a commit may overwrite in place (pools with data checksums; one
 # per pool, made by the first commit that has some): its map a tree of in-place list leaves
 INODE_IN_PLACE = 4
+# a volume's shadow index (docs/snapshot-index-plan.md): every shadow entry of its snapshots, a
+# keyed tree of (block, snapshot id) -> map entry; made by the volume's first snapshot
+INODE_SHADOW_INDEX = 5
+# the same entries listed by snapshot: a keyed tree of (snapshot id, block), no values
+INODE_SHADOW_LIST = 6
 
 INODE_RECORD_SIZE = 256
 
@@ -844,7 +869,10 @@ OP_RECEIVE = 4  # a replication stream is being applied (op_target: the base sna
 @dataclass(kw_only=True)
 class InodeRecord:
     kind: int = ondisk(
-        "B", "1 a volume, 2 a shadow inode (one snapshot of one volume); 0 free", REQUIRED
+        "B",
+        "1 a volume, 2 a shadow inode (one snapshot of one volume), 3 data checksums, 4 the "
+        "in-place list, 5 a volume's shadow index, 6 its shadow list; 0 free",
+        REQUIRED,
     )
     flags: int = ondisk("B", "flags (none defined)")
     height: int = ondisk("B", "map tree: interior levels")

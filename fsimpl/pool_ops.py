@@ -9,7 +9,7 @@ import time
 from .checker import check, report_json
 from .core import OperationModule, Progress
 from .errors import DamagedPool, DittoError, InvalidArgument
-from .layout import BT_INTERIOR, FORMAT_VERSION, KIND_ADDR, ROLE_NAMES, SNAP_ACTIVE
+from .layout import FORMAT_VERSION, KIND_ADDR, ROLE_NAMES, SNAP_ACTIVE
 from .volume import read_checked
 
 
@@ -174,7 +174,7 @@ class PoolOps(OperationModule):
                 try:
                     for ptr, level in tree.all_node_pointers():
                         nodes += 1
-                        btype = tree.leaf_type if level == 0 else BT_INTERIOR
+                        btype = tree.block_type(level)
                         bad = store.bad_copies(ptr, btype)
                         copies = [a for a in (ptr.addr0, ptr.addr1) if a]
                         if len(bad) == len(copies):

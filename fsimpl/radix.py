@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from .device import Device
 from .errors import CorruptMetadata, DittoError
@@ -80,6 +80,19 @@ class Node:
         # a keyed tree's dirty node, decoded: its keys and its values (a leaf) or children
         # (interior: a pointer, or the dirty child itself, pinned); None while clean
         self.records: tuple[list[bytes], list[Any]] | None = None
+
+
+class MetadataTree(Protocol):
+    """What the checker and the scrub walk: a tree's committed nodes and their types."""
+
+    store: MetaStore
+
+    @property
+    def is_dirty(self) -> bool: ...
+
+    def all_node_pointers(self) -> Iterator[tuple[BlockPointer, int]]: ...
+
+    def block_type(self, level: int) -> int: ...
 
 
 RECENT_LEAVES = 32  # per tree
@@ -293,6 +306,10 @@ class RadixTree:
         return self.root_node is not None
 
     def _type_at(self, level: int) -> int:
+        return self.leaf_type if level == 0 else BT_INTERIOR
+
+    def block_type(self, level: int) -> int:
+        """The type of this tree's nodes at level (what a read of one verifies)."""
         return self.leaf_type if level == 0 else BT_INTERIOR
 
     def _root(self) -> Node | None:

@@ -19,7 +19,7 @@ import time
 
 from .core import OperationModule
 from .errors import DamagedPool, DittoError, Refused
-from .layout import BT_INTERIOR, KIND_ADDR
+from .layout import KIND_ADDR
 from .volume import read_checked
 
 IDLE, RUNNING, STOPPED, FINISHED = 0, 1, 2, 3
@@ -108,6 +108,8 @@ class Scrub(OperationModule):
             sb.scrub_pass, sb.scrub_item, sb.scrub_key = 1, 0, 0
             return
         name, tree = trees[sb.scrub_item]
+        if tree.is_dirty:  # the walk reads committed nodes: commit the changes first
+            self.core.commit()
         store = tree.store
         done = 0
         try:
@@ -119,7 +121,7 @@ class Scrub(OperationModule):
                     return
                 done += 1
                 sb.scrub_bytes += store.block_size * (2 if ptr.addr1 else 1)
-                bad = store.bad_copies(ptr, tree.leaf_type if level == 0 else BT_INTERIOR)
+                bad = store.bad_copies(ptr, tree.block_type(level))
                 copies = 2 if ptr.addr1 else 1
                 if len(bad) == copies:
                     sb.scrub_errors += 1

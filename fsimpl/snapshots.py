@@ -1,13 +1,13 @@
 """Snapshot lifecycle on one volume: delete push-down, rollback, diff and space accounting.
 
 Every operation here costs in proportion to the entries of the snapshots it touches, never to the
-volume's size, and the long ones (delete, rollback) work leaf by leaf up to a deadline so the
+volume's size, and the long ones (delete, rollback) work a batch at a time up to a deadline so the
 engine lock is never held long (nor the open transaction grown past what a commit can hold);
 the state between two steps is consistent and committable:
 
 * delete S: for each entry of S at block b, the next older snapshot P relied on it exactly when
-  P holds DITTO at b; then the entry moves to P, otherwise its block is freed. A leaf of S where P
-  has no leaf at all moves to P whole. Between steps, P reads through S's remaining entries.
+  P holds DITTO at b; then the entry moves to P, otherwise its block is freed. Between steps, P
+  reads through S's remaining entries.
 * rollback to S (S newest): S's entries move back to live with the births they had there (so
   shared with S again), live's replaced blocks are freed, and S ends empty: live == S.
 * diff S..T: the blocks that may differ are exactly the entries of the snapshots in [S, T)
@@ -17,33 +17,32 @@ the state between two steps is consistent and committable:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from itertools import islice
 
 from .blockmap import BlockMap
 from .errors import NoSpace
 from .layout import EMPTY_ENTRY, KIND_ADDR, KIND_HOLE, KIND_NONE, KIND_ORIGIN, Entry
+from .shadow_index import ShadowMap
 from .volume import DataContext, Volume, copy_block
+
+BATCH = 256  # entries a long operation takes between two looks at its deadline
 
 
 def delete_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[], bool]) -> bool:
     """Push snapshot snap_id's entries down to the next older snapshot or free their blocks,
-    leaf by leaf, until done (returns True: the shadow map is empty) or stop() says enough."""
+    a batch at a time, until done (returns True: the snapshot has no entries left) or stop()
+    says enough."""
     shadow = vol.shadows[snap_id]
     older_id = vol.older_than(snap_id)
     older = vol.shadows[older_id] if older_id else None
-    cap = shadow.capacity
-    for leaf_no in list(shadow.leaf_numbers()):
-        if older is not None and older.tree.leaf(leaf_no) is None:
-            node = shadow.detach_leaf(leaf_no)
-            assert node is not None
-            older.attach_leaf(leaf_no, node)
-        else:
-            for b, e in list(shadow.entries_in(leaf_no * cap, cap)):
-                if older is not None and older.get(b) == EMPTY_ENTRY:
-                    older.set(b, e)
-                elif e.kind == KIND_ADDR:
-                    vol.settle_base(ctx, b, e.addr)
-                    ctx.allocator.free(e.addr)
-            shadow.detach_leaf(leaf_no)  # emptied: dropped, its old address freed
+    while not shadow.is_empty():
+        for b, e in list(islice(shadow.iter_entries(), BATCH)):
+            if older is not None and older.get(b) == EMPTY_ENTRY:
+                older.set(b, e)
+            elif e.kind == KIND_ADDR:
+                vol.settle_base(ctx, b, e.addr)
+                ctx.allocator.free(e.addr)
+            shadow.clear(b)
         if stop():
             return shadow.is_empty()
     return True
@@ -54,9 +53,8 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
     True when done (the snapshot is empty and live reads exactly what it held)."""
     shadow = vol.shadows[snap_id]
     live = vol.live
-    cap = shadow.capacity
-    for leaf_no in list(shadow.leaf_numbers()):
-        for b, e in list(shadow.entries_in(leaf_no * cap, cap)):
+    while not shadow.is_empty():
+        for b, e in list(islice(shadow.iter_entries(), BATCH)):
             cur = live.get(b)
             for blk in cur.blocks:  # (a base live owns goes too; a snapshot's base is S's)
                 ctx.allocator.free(blk)
@@ -68,7 +66,7 @@ def rollback_step(ctx: DataContext, vol: Volume, snap_id: int, stop: Callable[[]
                 live.set(b, Entry(KIND_HOLE, 0, e.birth))  # a clone's NONE would read origin
             else:  # a hole of a plain volume, or a clone's origin view
                 live.set(b, Entry(KIND_NONE, 0, e.birth))
-        shadow.detach_leaf(leaf_no)
+            shadow.clear(b)
         if stop():
             return shadow.is_empty()
     return True
@@ -149,13 +147,27 @@ def freed_by_deleting(vol: Volume, gone: set[int]) -> int:
 
 
 def free_map_step(ctx: DataContext, m: BlockMap, stop: Callable[[], bool]) -> bool:
-    """Free every block a map owns, leaf by leaf (a volume being deleted). True when empty."""
+    """Free every block live's map owns, leaf by leaf (a volume being deleted). True when
+    empty."""
     cap = m.capacity
     for leaf_no in list(m.leaf_numbers()):
         for _, e in list(m.entries_in(leaf_no * cap, cap)):
             for blk in e.blocks:
                 ctx.allocator.free(blk)
         m.detach_leaf(leaf_no)
+        if stop():
+            return m.is_empty()
+    return True
+
+
+def free_shadow_step(ctx: DataContext, m: ShadowMap, stop: Callable[[], bool]) -> bool:
+    """Free every block a snapshot's map owns, a batch at a time (a volume being deleted).
+    True when empty."""
+    while not m.is_empty():
+        for b, e in list(islice(m.iter_entries(), BATCH)):
+            for blk in e.blocks:
+                ctx.allocator.free(blk)
+            m.clear(b)
         if stop():
             return m.is_empty()
     return True
@@ -173,7 +185,7 @@ def flatten_step(ctx: DataContext, vol: Volume, cursor: int, stop: Callable[[], 
     while cursor < end:
         count = min(step, end - cursor)
         origin_view = vol.origin.resolve_range(vol.inode.origin_snap, cursor, count)
-        todo: list[tuple[int, BlockMap, Entry]] = []
+        todo: list[tuple[int, BlockMap | ShadowMap, Entry]] = []
         for i, e in enumerate(vol.live_range(cursor, count)):
             if e.kind == KIND_NONE:
                 todo.append((i, vol.live, e))

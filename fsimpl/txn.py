@@ -47,6 +47,8 @@ from .layout import (
     INODE_CHECKSUMS,
     INODE_IN_PLACE,
     INODE_SHADOW,
+    INODE_SHADOW_INDEX,
+    INODE_SHADOW_LIST,
     INODE_VOLUME,
     OP_DELETE,
     OP_NONE,
@@ -73,8 +75,9 @@ from .layout import (
     unpack_ring,
     unpack_superblock,
 )
-from .radix import MetaStore, RadixTree
+from .radix import MetadataTree, MetaStore, RadixTree
 from .rundir import pid_alive
+from .shadow_index import ShadowIndex, ShadowMap
 from .tables import inode_table, snapshot_table
 from .volume import DataContext, Volume
 
@@ -375,6 +378,7 @@ class Pool:
         self.inodes.tree.load_root()
         self.snaptab.tree.load_root()
         shadows: list[InodeRecord] = []
+        index_parts: dict[int, dict[int, InodeRecord]] = {}
         for _, rec in self.inodes.items(skip=lambda e: self._damaged("inode table", e)):
             if rec.kind == INODE_VOLUME:
                 self.volumes[rec.ino] = Volume(rec, BlockMap(self.store, rec, self.dirty_maps))
@@ -385,12 +389,27 @@ class Pool:
                 self.ctx.sums = DataSums(self.store, rec, self.dirty_maps, xxh3)
             elif rec.kind == INODE_IN_PLACE:
                 self.in_place = InPlaceList(self.store, rec, self.dirty_maps)
+            elif rec.kind in (INODE_SHADOW_INDEX, INODE_SHADOW_LIST):
+                index_parts.setdefault(rec.volume_ino, {})[rec.kind] = rec
         self._load_in_place()
         for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
         tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
         if tables_damaged:
             self._bound_damage(shadows, tables_damaged)
+        for vino, parts in index_parts.items():
+            vol = self.volumes.get(vino)
+            if vol is None or len(parts) != 2:
+                if tables_damaged:
+                    continue
+                raise CorruptMetadata(
+                    f"the shadow index inodes of volume inode {vino} are incomplete or belong "
+                    "to no volume; run 'snapctl check'",
+                    -1,
+                    "inode-table leaf",
+                )
+            index, listing = parts[INODE_SHADOW_INDEX], parts[INODE_SHADOW_LIST]
+            vol.shadow_index = ShadowIndex(self.store, index, listing, self.dirty_maps)
         for rec in shadows:
             vol = self.volumes.get(rec.volume_ino)
             if tables_damaged and (vol is None or rec.snap_id not in self.snapshots):
@@ -402,7 +421,19 @@ class Pool:
                     -1,
                     "inode-table leaf",
                 )
-            vol.add_shadow(rec.snap_id, BlockMap(self.store, rec, self.dirty_maps))
+            held_in = vol.shadow_index
+            if self.store.version < 2:  # its entries are still in a tree of its own, which
+                held_in = held_in or self._new_shadow_index(vol)  # upgrade.py moves in here
+            elif held_in is None:
+                if tables_damaged:
+                    continue
+                raise CorruptMetadata(
+                    f"snapshot {rec.snap_id} of volume {vol.name} has no shadow index; run "
+                    "'snapctl check'",
+                    -1,
+                    "inode-table leaf",
+                )
+            vol.add_shadow(rec.snap_id, ShadowMap(held_in, rec, self.dirty_maps))
             if self.snapshots[rec.snap_id].flags & SNAPF_WRITABLE:
                 vol.writable.add(rec.snap_id)
         for vol in self.volumes.values():
@@ -533,6 +564,18 @@ class Pool:
         self.touch_inode(rec)
         return self.ctx.sums
 
+    def _new_shadow_index(self, vol: Volume) -> ShadowIndex:
+        """The volume's shadow index, made empty (by its first snapshot)."""
+        now = time.time_ns()
+        index, listing = (
+            InodeRecord(ino=self._new_ino(), kind=kind, volume_ino=vol.ino, created_ns=now)
+            for kind in (INODE_SHADOW_INDEX, INODE_SHADOW_LIST)
+        )
+        vol.shadow_index = ShadowIndex(self.store, index, listing, self.dirty_maps)
+        self.touch_inode(index)
+        self.touch_inode(listing)
+        return vol.shadow_index
+
     def create_volume(
         self, name: str, size: int, origin: Volume | None = None, origin_snap: int = 0
     ) -> Volume:
@@ -580,7 +623,8 @@ class Pool:
                 created_ns=now,
                 referenced_blocks=vol.inode.owned_blocks,
             )
-            vol.add_shadow(sid, BlockMap(self.store, shadow, self.dirty_maps))
+            index = vol.shadow_index or self._new_shadow_index(vol)
+            vol.add_shadow(sid, ShadowMap(index, shadow, self.dirty_maps))
             vol.inode.snap_id = sid
             self.touch_inode(shadow)
             self.touch_inode(vol.inode)
@@ -616,8 +660,7 @@ class Pool:
         self.dirty_snaps[sid] = None
 
     def _drop_shadow(self, vol: Volume, sid: int) -> None:
-        shadow = vol.shadows[sid]
-        shadow.tree.free_all()
+        shadow = vol.shadows[sid]  # emptied by the steps that end here (snapshots.py)
         self.dirty_maps.discard(shadow)
         vol.remove_shadow(sid)
         vol.writable.discard(sid)
@@ -637,6 +680,10 @@ class Pool:
                 self.touch_snapshot(rec)
         vol.live.tree.free_all()
         self.dirty_maps.discard(vol.live)
+        if vol.shadow_index is not None:
+            vol.shadow_index.free_all()
+            for part in vol.shadow_index.inodes:
+                self.dirty_inodes[part.ino] = None
         del self.volumes[vol.ino]
         self.dirty_inodes[vol.ino] = None
 
@@ -675,9 +722,9 @@ class Pool:
             in_place = leaves + 2 if leaves else 0
         return (self.store.dirty_nodes + tables + bitmap + in_place) * self.store.copies
 
-    def metadata_trees(self) -> list[tuple[str, RadixTree]]:
+    def metadata_trees(self) -> list[tuple[str, MetadataTree]]:
         """Every metadata tree of the committed state, named for messages."""
-        trees = [
+        trees: list[tuple[str, MetadataTree]] = [
             ("inode table", self.inodes.tree),
             ("snapshot table", self.snaptab.tree),
             ("free-space bitmap", self.allocator.tree),
@@ -688,8 +735,9 @@ class Pool:
             trees.append(("in-place list", self.in_place.tree))
         for vol in self.volumes.values():
             trees.append((f"volume {vol.name} map", vol.live.tree))
-            for sid, shadow in vol.shadows.items():
-                trees.append((f"snapshot {sid} map of {vol.name}", shadow.tree))
+            if vol.shadow_index is not None:
+                trees.append((f"shadow index of {vol.name}", vol.shadow_index.by_block.tree))
+                trees.append((f"shadow list of {vol.name}", vol.shadow_index.by_snap.tree))
         return trees
 
     @property

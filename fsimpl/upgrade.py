@@ -4,8 +4,10 @@ Version 1 differs from version 2 only in its metadata trees' interior nodes (bar
 addresses there, block pointers with the child's generation and checksum here) and in fields
 version 2 added where version 1 kept zeros. Leaves are the same: same header size, same
 records. So an upgrade reads every tree of the old pool leaf by leaf, writes each leaf's records
-into a new tree of the current version (every node at a fresh address: copy-on-write), frees the
-old nodes, and commits, which writes the new superblock. Data blocks are not touched (a pool
+into a new tree of the current version (every node at a fresh address: copy-on-write), except
+the snapshots' shadow maps, whose entries move into their volume's shadow index (version 2
+keeps no tree per snapshot); then it frees the old nodes and commits, which writes the new
+superblock. Data blocks are not touched (a pool
 with data checksums has them read once, to move their checksums from the map entries to the
 per-4 KiB checksum tree). Until that superblock is durable the old pool is intact; a crash
 leaves one or the other, whole.
@@ -16,18 +18,25 @@ from __future__ import annotations
 import dataclasses
 import zlib
 
+from .blockmap import BlockMap, inode_root
 from .device import Device
 from .errors import NotFound, Refused
 from .layout import (
     BT_BITMAP,
+    BT_MAP_LEAF,
+    ENTRY_SIZE,
     FORMAT_VERSION,
     HEADER_SIZE,
     KIND_ADDR,
     OWNER_BITMAP,
+    map_leaf_capacity,
+    nonzero_records,
     pack_ring,
+    read_entry,
 )
 from .opening import lock
 from .radix import MetaStore, RadixTree
+from .shadow_index import ShadowIndex, ShadowMap
 from .txn import Pool, read_superblock, refuse_if_in_use, write_superblock
 
 UPGRADE_CACHE_BYTES = 16 << 20
@@ -79,7 +88,7 @@ def _rewrite_trees(pool: Pool) -> int:
     store.generation = old_store.generation
     store.allocate_address = old_store.allocate_address
     store.free_address = old_store.free_address
-    maps = [m for vol in pool.volumes.values() for m in [vol.live, *vol.shadows.values()]]
+    maps = [vol.live for vol in pool.volumes.values()]
     old_nodes: list[int] = []
 
     def rewritten(tree: RadixTree) -> RadixTree:
@@ -91,6 +100,7 @@ def _rewrite_trees(pool: Pool) -> int:
         old_nodes.extend(a for a, _ in tree.all_node_addresses())
         return new
 
+    _shadows_into_index(pool, old_store, store, old_nodes)
     pool.inodes.tree = rewritten(pool.inodes.tree)
     pool.snaptab.tree = rewritten(pool.snaptab.tree)
     for m in maps:
@@ -111,6 +121,29 @@ def _rewrite_trees(pool: Pool) -> int:
     return len(old_nodes)
 
 
+def _shadows_into_index(
+    pool: Pool, old_store: MetaStore, store: MetaStore, old_nodes: list[int]
+) -> None:
+    """Version 1 kept each snapshot's shadow entries in a radix tree of its own; version 2 keeps
+    all of a volume's in its shadow index (shadow_index.py), which the open made empty."""
+    cap = map_leaf_capacity(pool.block_size)
+    for vol in pool.volumes.values():
+        if vol.shadow_index is None:
+            continue
+        index = ShadowIndex(store, *vol.shadow_index.inodes, pool.dirty_maps)
+        vol.shadow_index = index
+        for sid, shadow in vol.shadows.items():
+            shadow.index = index
+            rec = shadow.inode  # its counters stay: the same entries, moved
+            tree = RadixTree(old_store, rec.ino, BT_MAP_LEAF, cap, inode_root(rec), rec.height)
+            for leaf_no, node in tree.iter_leaves():
+                for i in nonzero_records(node.buf, ENTRY_SIZE):
+                    index.put(sid, leaf_no * cap + i, read_entry(node.buf, i))
+            old_nodes.extend(a for a, _ in tree.all_node_addresses())
+            rec.root = rec.root1 = rec.root_gen = rec.root_csum = rec.height = 0
+            pool.touch_inode(rec)
+
+
 def _data_sums_from_v1(pool: Pool) -> list[int]:
     """Version 1 kept one CRC-32 per data block in its map entry; version 2 keeps one per 4 KiB
     unit, by physical block (datasums.py). Each block is read and verified against its old CRC
@@ -121,7 +154,8 @@ def _data_sums_from_v1(pool: Pool) -> list[int]:
     bs = pool.block_size
     damaged: list[int] = []
     for vol in pool.volumes.values():
-        for m in [vol.live, *vol.shadows.values()]:
+        maps: list[BlockMap | ShadowMap] = [vol.live, *vol.shadows.values()]
+        for m in maps:
             blocks = -(-m.inode.size // bs)
             for b, e in list(m.entries_in(0, blocks)):
                 if e.kind != KIND_ADDR:

@@ -40,11 +40,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .allocator import Allocator
-from .blockmap import BlockMap, set_bits
-from .chain_index import WALK, ChainIndex
+from .blockmap import BlockMap
 from .datasums import DataSums
 from .device import Device
-from .errors import CorruptData, CorruptMetadata, DittoError
+from .errors import CorruptData, CorruptMetadata
 from .layout import (
     EMPTY_ENTRY,
     ENTRY_INCOMPLETE,
@@ -58,6 +57,7 @@ from .layout import (
     Entry,
     InodeRecord,
 )
+from .shadow_index import ShadowIndex, ShadowMap
 
 log = logging.getLogger("dittofs")
 
@@ -97,8 +97,8 @@ class Volume:
         self.inode = inode
         self.live = live
         self.chain: list[int] = []  # ids of snapshots covering this volume, oldest first
-        self.shadows: dict[int, BlockMap] = {}
-        self.index = ChainIndex(live.capacity, self._leaf_entries)  # who holds each block
+        self.shadows: dict[int, ShadowMap] = {}
+        self.shadow_index: ShadowIndex | None = None  # made by the volume's first snapshot
         # snapshot id -> ((its map version, older id, older map version), unique blocks)
         self.unique_cache: dict[int, tuple[tuple[int, int, int], int]] = {}
         self.origin: Volume | None = None  # a clone's origin volume (inode.origin_snap: its snap)
@@ -122,34 +122,14 @@ class Volume:
         """Id of the snapshot that receives preserved blocks (0: none)."""
         return self.inode.snap_id
 
-    def add_shadow(self, snap_id: int, shadow: BlockMap) -> None:
+    def add_shadow(self, snap_id: int, shadow: ShadowMap) -> None:
         bisect.insort(self.chain, snap_id)
         self.shadows[snap_id] = shadow
-        shadow.index = self.index
-        self.index.clear()
 
     def remove_shadow(self, snap_id: int) -> None:
         self.chain.remove(snap_id)
-        self.shadows.pop(snap_id).index = None
+        del self.shadows[snap_id]
         self.unique_cache.pop(snap_id, None)
-        self.index.clear()
-
-    def _leaf_entries(self, leaf_no: int) -> tuple[list[tuple[int, int]], list[int]]:
-        """(snapshot id, block) of every shadow entry in one leaf range, oldest id first, and
-        the ids of the maps whose leaf there cannot be read."""
-        base = leaf_no * self.live.capacity
-        pairs: list[tuple[int, int]] = []
-        broken: list[int] = []
-        for sid in self.chain:
-            m = self.shadows[sid]
-            try:
-                node = m.tree.leaf(leaf_no)
-            except DittoError:
-                broken.append(sid)
-                continue
-            if node is not None and node.count:
-                pairs.extend((sid, base + i) for i in set_bits(m.leaf_mask(node)))
-        return pairs, broken
 
     def older_than(self, snap_id: int) -> int:
         """The next older snapshot of this volume (0: none)."""
@@ -187,27 +167,15 @@ class Volume:
         return (size + bs - 1) // bs
 
     def _own_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
-        if snap_id is None:
+        if snap_id is None or self.shadow_index is None:
             return self.live_range(first, count)
-        serving = self.index.serving
-        shadows = self.shadows
+        serving = self.shadow_index.serving
         get = self.live.get
         out: list[Entry] = []
         for b in range(first, first + count):
-            sid = serving(snap_id, b)
-            if sid == WALK:
-                out.append(self._walk(snap_id, b))
-            else:
-                out.append(shadows[sid].get(b) if sid else get(b))
+            found = serving(snap_id, b)
+            out.append(found[1] if found is not None else get(b))
         return out
-
-    def _walk(self, snap_id: int, b: int) -> Entry:
-        """FIG. 10 literally, map by map: raises at a map that cannot be read."""
-        for sid in self.chain[bisect.bisect_left(self.chain, snap_id) :]:
-            e = self.shadows[sid].get(b)
-            if e != EMPTY_ENTRY:
-                return e
-        return self.live.get(b)
 
     def live_range(self, first: int, count: int) -> list[Entry]:
         get = self.live.get
@@ -220,8 +188,13 @@ class Volume:
         length = len(out)
         first = offset // bs
         last = (offset + length - 1) // bs
-        if first == last and snap_id is None and self.origin is None:
-            e = self.live.get(first)  # the common small read, without the general machinery
+        if first == last and self.origin is None:
+            # the common small read, without the general machinery
+            if snap_id is None or self.shadow_index is None:
+                e = self.live.get(first)
+            else:
+                found = self.shadow_index.serving(snap_id, first)
+                e = found[1] if found is not None else self.live.get(first)
             if e.kind != KIND_ADDR:
                 out[:] = bytes(length)
             elif ctx.checksums:
@@ -314,12 +287,13 @@ class Volume:
 
     def _headroom(self, first: int, last: int) -> int:
         """Metadata nodes a change of blocks [first, last] may dirty: the leaves it spans in
-        live and in the latest snapshot, with their paths (one more level if a tree grows)."""
+        live, with their paths (one more level if a tree grows), and the shadow index's."""
         cap = self.live.capacity
         leaves = last // cap - first // cap + 1
-        latest = self.shadows.get(self.inode.snap_id)
-        height = max(self.live.tree.height, latest.tree.height if latest else 0)
-        return 2 * leaves * (height + 2)
+        room = 2 * leaves * (self.live.tree.height + 2)
+        if self.shadow_index is not None and self.inode.snap_id:
+            room += self.shadow_index.room(last - first + 1)
+        return room
 
     def _shared(self, b: int, e: Entry, latest: int) -> bool:
         """Does the latest snapshot still need live's current view of block b? The birth test,

@@ -30,13 +30,11 @@ def _plan(vol: Volume, sid: int, first: int, count: int) -> tuple[list[Entry], l
     return own, vol.resolve_range(sid, first, count)
 
 
-def _room(vol: Volume, sid: int, first: int, count: int) -> int:
-    """Metadata nodes the change may dirty: the leaves it spans in S and in the next older
-    snapshot, with their paths."""
-    cap = vol.shadows[sid].capacity
-    leaves = (first + count - 1) // cap - first // cap + 1
-    heights = [vol.shadows[s].tree.height for s in (sid, vol.older_than(sid)) if s]
-    return 2 * leaves * (max(heights) + 2)
+def _room(vol: Volume, sid: int, count: int) -> int:
+    """Metadata nodes the change may dirty: what the entries of S and of the next older
+    snapshot for count blocks span in the shadow index."""
+    index = vol.shadows[sid].index
+    return 2 * index.room(count)
 
 
 def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, offset: int) -> None:
@@ -62,7 +60,7 @@ def write_snapshot(ctx: DataContext, vol: Volume, sid: int, data: memoryview, of
         if relied[i] and own[i] == EMPTY_ENTRY and views[i].kind == KIND_ADDR
     ]
     fresh = ctx.allocator.allocate_many(
-        count - sum(in_place) + len(copies_needed), _room(vol, sid, first, count)
+        count - sum(in_place) + len(copies_needed), _room(vol, sid, count)
     )
     new_for = fresh[: count - sum(in_place)]
     copy_for = dict(zip(copies_needed, fresh[count - sum(in_place) :], strict=True))
@@ -125,7 +123,7 @@ def deallocate_snapshot(ctx: DataContext, vol: Volume, sid: int, first: int, cou
     todo = [i for i in range(count) if views[i].kind == KIND_ADDR or own[i].kind == KIND_ORIGIN]
     relied = {i: older is not None and older.get(first + i) == EMPTY_ENTRY for i in todo}
     copies_needed = [i for i in todo if relied[i] and own[i] == EMPTY_ENTRY]
-    copies = ctx.allocator.allocate_many(len(copies_needed), _room(vol, sid, first, count))
+    copies = ctx.allocator.allocate_many(len(copies_needed), _room(vol, sid, count))
     try:
         for i, c in zip(copies_needed, copies, strict=True):
             copy_block(ctx, views[i], c)

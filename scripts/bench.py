@@ -3,7 +3,7 @@
 qemu-nbd serving qcow2 with internal snapshots: every workload, every system, one run.
 
     scripts/bench.py [--quick] [--size-scale F] [--repeats N] [--json FILE] [--plot FILE.png]
-                     [--only io,chain,create,diff,scale] [--dir DIR]
+                     [--only io,chain,create,diff,scale,snaps] [--dir DIR]
 
 Systems: `nbdkit file` on a raw image (the C ceiling), scripts/passthrough_plugin.py (the
 Python ceiling), qemu-nbd on qcow2 (snapshots with `qemu-img snapshot -c`, qemu-nbd stopped and
@@ -36,6 +36,11 @@ Workloads (full sizes; --size-scale multiplies every size, --quick shrinks sizes
           snapshot owning 1,024 blocks (64 MiB). The written fraction is lowered where the
           image would exceed --max-image (a 4 KiB write allocates a whole 64 KiB block in
           dittofs and in qcow2); the row label says the fraction used.
+  snaps   dittofs alone: 100, 1,000 and 10,000 snapshots of a 1 GiB volume written in full,
+          each taken after one 4 KiB write, and up to 1,000 on a 1 TiB sparse pool: open and
+          `snapctl list --json` times of a fresh server, 4 KiB QD16 random reads of the oldest
+          snapshot cold (the first --cold-runtime s) and warm against live, nbdkit's RSS,
+          metadata per snapshot, create and delete (scripts/bench_snaps.py).
 
 Prints one table (rows: workloads; columns: each system, then the ratios dittofs/pass-through
 and dittofs/qcow2 of the row's figure), then the issue's targets with the measured figures.
@@ -66,6 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_snaps  # noqa: E402
 from bench_systems import (  # noqa: E402
     BLOCK,
     Dittofs,
@@ -96,7 +102,7 @@ ONE_COPY_ROWS = {
 CSUM_ROWS = dict(ONE_COPY_ROWS)
 SNAP_SYSTEMS = ["qcow2", "move", "copy"]
 DITTOFS = ["move", "copy"]
-PHASES = ["io", "chain", "create", "diff", "scale"]
+PHASES = ["io", "chain", "create", "diff", "scale", "snaps"]
 
 
 @dataclass
@@ -120,6 +126,10 @@ class Config:
     delete_blocks: int = 1024
     max_image: int = 24 * GiB
     threads: str = "serialize"
+    snap_levels: list[int] = field(default_factory=lambda: [100, 1000, 10000])
+    snap_sizes: list[int] = field(default_factory=lambda: [GiB, TiB])
+    big_snap_level: int = 1000  # the sparse pool's rows stop here
+    cold_runtime: float = 10.0
 
     @classmethod
     def from_args(cls, a: argparse.Namespace) -> Config:
@@ -140,12 +150,19 @@ class Config:
         c.max_image = parse_size(a.max_image)
         if a.pool_sizes:
             c.pool_sizes = [parse_size(x) for x in a.pool_sizes.split(",")]
+        if a.quick:
+            c.snap_levels, c.snap_sizes, c.big_snap_level, c.cold_runtime = [10, 100], [GiB], 0, 1.5
+        if a.snap_levels:
+            c.snap_levels = [int(x) for x in a.snap_levels.split(",")]
+        if a.snap_sizes:
+            c.snap_sizes = [parse_size(x) for x in a.snap_sizes.split(",")]
 
         def sz(n: int) -> int:  # scaled, whole MiB, at least 4 MiB
             return max(4 * MiB, int(n * scale) // MiB * MiB)
 
         c.io_size, c.diff_size, c.create_pool = sz(c.io_size), sz(c.diff_size), sz(c.create_pool)
         c.pool_sizes = [sz(s) for s in c.pool_sizes]
+        c.snap_sizes = [sz(s) for s in c.snap_sizes]
         return c
 
 
@@ -605,6 +622,11 @@ class Bench:
                 create_delete(s)
             m.remove()
 
+    # snaps: thousands of one-block snapshots (scripts/bench_snaps.py)
+
+    def snaps(self) -> None:
+        bench_snaps.snaps(self)
+
     def run(self, phases: list[str]) -> None:
         for p in PHASES:
             if p in phases:
@@ -749,7 +771,7 @@ def targets(res: Results, cfg: Config) -> list[dict[str, object]]:
             0.05,
             False,
         )
-        big = human(cfg.pool_sizes[-1]).replace(" ", "")
+        big = human(cfg.pool_sizes[-1]).replace(" ", "")  # (the scale phase's largest pool)
         for key, bound, unit in (
             (f"rss_busy_{big}", 200e6 / MiB, "MiB (200 MB)"),
             (f"open_{big}", 1000.0, "ms"),
@@ -762,6 +784,7 @@ def targets(res: Results, cfg: Config) -> list[dict[str, object]]:
                 None if v is None else v <= bound,
                 f"{fmt(v)} {unit.split()[0]}",
             )
+    bench_snaps.snaps_targets(res, cfg, add)
     return out
 
 
@@ -860,6 +883,17 @@ def main() -> None:
         "--pool-sizes",
         default=None,
         help="comma list of the scale phase's pool sizes (default 1G,64G,1T)",
+    )
+    ap.add_argument(
+        "--snap-levels",
+        default=None,
+        help="comma list of the snaps phase's snapshot counts (default 100,1000,10000)",
+    )
+    ap.add_argument(
+        "--snap-sizes",
+        default=None,
+        help="comma list of the snaps phase's volume sizes (default 1G,1T; above 64 GiB the "
+        "pool is sparse and stops at 1,000 snapshots)",
     )
     ap.add_argument("--only", default=",".join(PHASES), help="comma list of phases to run")
     ap.add_argument("--dir", default=None, help="where images go (default: $TMPDIR)")

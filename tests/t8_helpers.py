@@ -29,10 +29,13 @@ from support.nbdclose import disconnect
 
 from fsimpl.checker import CheckReport, check
 from fsimpl.device import Device
+from fsimpl.keyed import KeyedTree
 from fsimpl.layout import (
     BT_INTERIOR,
+    HEADER,
     RESERVED_BYTES,
     SUPERBLOCK_OFFSETS,
+    BlockHeader,
     Superblock,
     child_pointers,
     pack_superblock,
@@ -126,8 +129,18 @@ class MetaBlock:
     btype: int  # a layout.BT_* (BT_SUPER for a superblock slot: addr is then the slot)
     addr: int
     level: int
-    tree: str  # which tree: "inode table", "snapshot table", "bitmap", "live map", "s3 map"
-    first_key: int  # the first leaf-record number it covers (leaves of maps: first block)
+    tree: str  # which tree: "inode table", "snapshot table", "bitmap", "live map",
+    # "live shadow index" (by block), "live shadow list" (by snapshot)
+    first_key: int  # the first leaf-record number it covers (leaves of maps: first block;
+    # keyed nodes: their first key's high half, a block in the index, a snapshot in the list)
+
+
+def _keyed_blocks(tree: KeyedTree, name: str) -> Iterator[MetaBlock]:
+    """A keyed tree's nodes; first_key: the block number of the node's first key."""
+    for ptr, level in tree.all_node_pointers():
+        node = tree.store.load(ptr, tree.block_type(level), level)
+        first = BlockHeader(*HEADER.unpack_from(node.buf, 0)[1:]).key_base
+        yield MetaBlock(tree.block_type(level), ptr.addr0, level, name, first)
 
 
 def _tree_blocks(tree: RadixTree, name: str) -> Iterator[MetaBlock]:
@@ -157,9 +170,9 @@ def metadata_blocks(path: Path | str) -> tuple[list[MetaBlock], Superblock]:
         out += _tree_blocks(pool.allocator.tree, "bitmap")
         for vol in pool.volumes.values():
             out += _tree_blocks(vol.live.tree, f"{vol.name} map")
-            for sid, shadow in vol.shadows.items():
-                name = pool.snapshots[sid].name
-                out += _tree_blocks(shadow.tree, f"{name} map")
+            if vol.shadow_index is not None:
+                out += _keyed_blocks(vol.shadow_index.by_block.tree, f"{vol.name} shadow index")
+                out += _keyed_blocks(vol.shadow_index.by_snap.tree, f"{vol.name} shadow list")
         return out, pool.sb
     finally:
         dev.close()

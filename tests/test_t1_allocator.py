@@ -581,7 +581,8 @@ def _fixed_pool(path: Path, nblocks: int) -> Engine:
         f.truncate(nblocks * BS)
     dev = Device(str(path))
     dev.lock()
-    return Engine(dev, Pool.format(dev, BS, 1 << 20, growable=False), "move", DEFAULT_CACHE_BYTES)
+    pool = Pool.format(dev, BS, 4 << 20, growable=False)  # a volume larger than the pool
+    return Engine(dev, pool, "move", DEFAULT_CACHE_BYTES)
 
 
 def _fill_then_free(eng: Engine, start: int) -> None:
@@ -600,8 +601,8 @@ def _fill_then_free(eng: Engine, start: int) -> None:
 def test_flatten_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) -> None:
     """A flatten that finds no room lets the frees waiting in the deferral window expire
     (as a write does), instead of failing while the pool has the space."""
-    keep = 48
-    eng = _fixed_pool(tmp_path / "flatten.img", 220)
+    keep = 120
+    eng = _fixed_pool(tmp_path / "flatten.img", 400)
     kept = os.urandom(keep * BS)
     eng.write(eng.open_export("live", False), memoryview(kept), 0)
     eng.create_snapshot("s")
@@ -619,7 +620,7 @@ def test_flatten_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) ->
 
 
 def test_receive_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) -> None:
-    keep = 48
+    keep = 120
     source = Engine.open(str(tmp_path / "src.img"), create_size=1 << 20, block_size=BS, claim=False)
     data = os.urandom(keep * BS)
     source.write(source.open_export("live", False), memoryview(data), 0)
@@ -627,7 +628,7 @@ def test_receive_on_a_full_pool_waits_out_the_deferral_window(tmp_path: Path) ->
     stream = io.BytesIO()
     source.send(None, "s", stream)
     source.close()
-    eng = _fixed_pool(tmp_path / "target.img", 220)
+    eng = _fixed_pool(tmp_path / "target.img", 400)
     _fill_then_free(eng, 0)
     alloc = eng.pool.allocator
     assert alloc.available < keep <= alloc.waiting

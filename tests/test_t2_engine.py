@@ -71,13 +71,10 @@ def data_addrs(eng: Engine) -> dict[int, str]:
 
 def meta_addrs(eng: Engine) -> set[int]:
     pool = eng.pool
-    trees = [pool.inodes.tree, pool.snaptab.tree, pool.allocator.tree]
-    for vol in pool.volumes.values():
-        trees.append(vol.live.tree)
-        trees.extend(vol.shadows[s].tree for s in vol.chain)
     out: list[int] = []
-    for t in trees:
-        out.extend(a for a, _ in t.all_node_addresses())
+    for _, t in pool.metadata_trees():
+        for p, _ in t.all_node_pointers():
+            out.extend(a for a in (p.addr0, p.addr1) if a)
     assert len(out) == len(set(out)), "a metadata block is in two trees"
     return set(out)
 
@@ -389,17 +386,19 @@ def test_delete_in_background_steps_while_live_changes(
     """A delete reclaims one leaf per step (STEP_SECONDS = 0); between steps the pool is used:
     writes, trims, a new snapshot, a reopen. Every other export stays exact throughout."""
     import fsimpl.core as engine_mod
+    import fsimpl.snapshots as snapshots_mod
 
     monkeypatch.setattr(engine_mod, "STEP_SECONDS", 0.0)
-    nblocks = 900  # six map leaves
+    nblocks = 900
     drv = Driver(open_pool(tmp_path, size=4 << 20), nblocks * BS)
     rnd = random.Random(21)
     history(drv, rnd, nblocks, gens=3)
     eng = drv.eng
     rec = eng.snapshot(which)
     sid = rec.id
-    leaves = len(list(eng.volume("live").shadows[sid].leaf_numbers()))
-    assert leaves >= 4
+    monkeypatch.setattr(snapshots_mod, "BATCH", 16)  # entries per step
+    batches = -(-eng.volume("live").shadows[sid].inode.entry_count // 16)
+    assert batches >= 4
     eng.pool.mark_deleting(rec)  # what delete_snapshot does first ...
     drv.flush()  # ... and commits
     del drv.model.snaps[which]
@@ -422,7 +421,7 @@ def test_delete_in_background_steps_while_live_changes(
             assert drv.eng.pool.pending_deletes() == [sid]
         drv.verify()
         assert steps < 100
-    assert steps >= leaves - 1
+    assert steps >= batches - 1
     data, _ = check_ownership(drv.eng)
     assert which not in set(data.values())
     drv.reopen()
@@ -780,9 +779,11 @@ def test_live_read_during_a_stepped_rollback_is_never_a_mix(
     be the snapshot's content (the state the rollback makes) or an error; never half of the
     old live and half of the snapshot."""
     import fsimpl.core as engine_mod
+    import fsimpl.snapshots as snapshots_mod
 
     monkeypatch.setattr(engine_mod, "STEP_SECONDS", 0.0)
-    nblocks = 900  # six map leaves
+    monkeypatch.setattr(snapshots_mod, "BATCH", 16)  # entries per step
+    nblocks = 900
     drv = Driver(open_pool(tmp_path, size=4 << 20), nblocks * BS)
     for b in range(nblocks):
         drv.write(b * BS, blk(b + 1))
@@ -1050,10 +1051,10 @@ def test_delete_of_middle_snapshot_costs_its_own_blocks(tmp_path: Path) -> None:
     before = {(e.name, o): read_bytes(eng, e, o, BS) for e in (g0, g2) for o in spots}
     sid = eng.snapshot("g1").id
     vol = eng.volume("live")
-    assert vol.shadows[vol.older_than(sid)].tree.leaf(1000 // CAP) is None  # a whole-leaf move
+    assert vol.shadows[vol.older_than(sid)].get(1000) == L.EMPTY_ENTRY  # g0 relies on g1 there
     eng = reopen(eng)
     reads, writes, _, nread, nwritten = _cost(eng, lambda: eng.delete_snapshot("g1"))
-    assert nread <= 4  # g1's leaf, and g0's at most (plus an interior node each)
+    assert nread <= 4  # the shadow index's and the shadow list's nodes on the way
     assert reads + writes <= 16
     check_ownership(eng)
     g0 = eng.open_export("live@g0", True)

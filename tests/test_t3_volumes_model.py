@@ -563,12 +563,14 @@ def test_volumes_model(tmp_path: Path, cow: str, seed: int) -> None:
 # Snapshot delete, volume delete --recursive, flatten and rollback run in bounded background
 # steps with the engine lock released in between; the state between two steps is committable
 # (nbdkit's ticker commits it every few seconds) and a crash may come at any point. With
-# STEP_SECONDS = 0 every step does one map leaf, and the progress callback, called between
+# STEP_SECONDS = 0 every step does one map leaf of live or one batch of a snapshot's entries
+# (STEP_ENTRIES), and the progress callback, called between
 # steps, "crashes" (the device is closed without a commit, as kill -9 leaves it), after
 # committing first in the variant that plays the ticker. Reopened, the pool must finish the
 # operation by itself (engine.tick) and read exactly what the finished operation promises.
 
 LONG_BLOCKS = 400  # three map leaves of 168 entries at 4 KiB blocks: several steps per map
+STEP_ENTRIES = 16  # a snapshot's entries a step takes: several steps per snapshot
 
 
 class Crash(Exception):
@@ -755,6 +757,7 @@ LONG_OPS = [
 @pytest.mark.parametrize("cow", ["move", "copy"])
 def test_crash_inside_long_operations(tmp_path: Path, cow: str, monkeypatch) -> None:  # noqa: ANN001
     monkeypatch.setattr("fsimpl.core.STEP_SECONDS", 0.0)
+    monkeypatch.setattr("fsimpl.snapshots.BATCH", STEP_ENTRIES)
     base = tmp_path / "base.img"
     m0 = _base_pool(base, cow)
     work = tmp_path / "work.img"
@@ -850,6 +853,7 @@ def test_io_between_steps_of_long_operations(tmp_path: Path, cow: str, monkeypat
     """Clients keep writing (and a volume being rolled back keeps being read) between the
     steps of every long operation: the finished operation and every write must both show."""
     monkeypatch.setattr("fsimpl.core.STEP_SECONDS", 0.0)
+    monkeypatch.setattr("fsimpl.snapshots.BATCH", STEP_ENTRIES)
     base = tmp_path / "base.img"
     m0 = _base_pool(base, cow)
     work = tmp_path / "work.img"

@@ -74,7 +74,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Built]:
             h.pwrite(rng.randbytes(2 * BS), b * BS)
         h.flush()
         srv.snapctl("create", "s1")
-        for b in range(5, SIZE // BS, 101):
+        for b in range(5, SIZE // BS, 3):  # s1's entries: several shadow index leaves
             h.pwrite(rng.randbytes(BS), b * BS)
         h.flush()
         srv.snapctl("volume", "create", "vol2", "--size", "1M")
@@ -161,14 +161,30 @@ def sample(built: Built) -> list[tuple[MetaBlock, int, str]]:
             picked.append(m)
     rest = [m for m in built.blocks if m not in picked]
     picked += rng.sample(rest, max(0, SAMPLE - len(picked)))
-    return [(m, i % 2, WAYS[i % len(WAYS)]) for i, m in enumerate(picked)]
+    out = []
+    for i, m in enumerate(picked):
+        how = WAYS[i % len(WAYS)]
+        if how == "misdirected" and not any(
+            o.btype == m.btype and o.addr != m.addr for o in built.blocks
+        ):
+            how = WAYS[(i + 1) % len(WAYS)]  # the only block of its type: nothing to mistake
+        out.append((m, i % 2, how))
+    return out
 
 
 def test_the_sample_is_large_enough(built: Built) -> None:
     assert len(built.blocks) >= SAMPLE
     assert len(sample(built)) >= SAMPLE
     kinds = {m.btype for m, _, _ in sample(built)}
-    assert {L.BT_INTERIOR, L.BT_MAP_LEAF, L.BT_INODE_LEAF, L.BT_SNAP_LEAF, L.BT_BITMAP} <= kinds
+    assert {
+        L.BT_INTERIOR,
+        L.BT_MAP_LEAF,
+        L.BT_INODE_LEAF,
+        L.BT_SNAP_LEAF,
+        L.BT_BITMAP,
+        L.BT_KEYED_INTERIOR,
+        L.BT_KEYED_LEAF,
+    } <= kinds
 
 
 @pytest.mark.engine_log(HEALED_COPY, BAD_METADATA)

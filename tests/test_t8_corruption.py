@@ -10,9 +10,9 @@ and the snapshot table (16 records, 7 per leaf). Each case corrupts one block of
   starts read-only, saying so; every export it serves reads exactly, the snapshots a lost table
   leaf cuts from the chain are refused; writes and changes are refused; 'check --repair'
   rebuilds a damaged bitmap from the trees;
-* a block read lazily (block maps): the server serves; every read that needs the block fails
-  with EIO and is logged with the address and type, every other read returns exactly the data
-  the model holds — never wrong data;
+* a block read lazily (block maps, the shadow index): the server serves; every read that
+  needs the block fails with EIO and is logged with the address and type, every other read
+  returns exactly the data the model holds — never wrong data;
 * the newest superblock slot: the older slot serves, every export reads exactly its data;
 * 'snapctl check' (through the running server, and on the disk) reports the block with its
   address and type and exits 4; 'check --repair' fixes a superblock slot or the bitmap, and
@@ -56,6 +56,7 @@ from fsimpl.layout import (
     BT_BITMAP,
     BT_INODE_LEAF,
     BT_INTERIOR,
+    BT_KEYED_LEAF,
     BT_MAP_LEAF,
     BT_SNAP_LEAF,
     BT_SUPER,
@@ -141,6 +142,15 @@ def _leaf_range(m: MetaBlock) -> set[int]:
     return set(range(m.first_key, min(m.first_key + LEAF, NBLOCKS)))
 
 
+def _index_leaf_range(built: Built, m: MetaBlock) -> set[int]:
+    """The blocks whose lookups a shadow index leaf may answer: from the previous leaf's
+    first key's block (a key between two leaves is sought in either) to the next leaf's."""
+    firsts = sorted(o.first_key for o in built.blocks if o.tree == m.tree and o.level == 0)
+    before = [f for f in firsts if f < m.first_key]
+    after = [f for f in firsts if f > m.first_key]
+    return set(range(before[-1] if before else 0, after[0] + 1 if after else NBLOCKS))
+
+
 def NONE(m: MetaBlock) -> dict[str, set[int] | None]:  # noqa: N802 - a constant in CASES
     return {}  # (the server refuses to open: no reads)
 
@@ -179,10 +189,10 @@ CASES = [
         misdirect=True,
     ),
     Case(
-        "map-leaf-snapshot",
-        lambda b: pick(b, BT_MAP_LEAF, "s8 map", nth=0),
+        "shadow-index-leaf",
+        lambda b: pick(b, BT_KEYED_LEAF, "live shadow index", nth=0),
         False,
-        lambda m: {"live@s8": _leaf_range(m), "older": None},
+        lambda m: {"live": set(), "*": None},  # snapshots' reads in its key range fail
     ),
     Case(
         "inode-table-leaf",
@@ -302,7 +312,13 @@ def test_corrupt_metadata_block(built: Built, servers, tmp_path: Path, case: Cas
             elif "*" in expect or (
                 "older" in expect and export.startswith("live@s") and int(export[6:]) < 8
             ):
-                scope = _leaf_range(m) if m.btype == BT_MAP_LEAF else set(range(NBLOCKS))
+                scope = (
+                    _leaf_range(m)
+                    if m.btype == BT_MAP_LEAF
+                    else _index_leaf_range(built, m)
+                    if m.btype == BT_KEYED_LEAF
+                    else set(range(NBLOCKS))
+                )
                 assert failed <= scope, f"{case.name}: {export} failed outside the block's range"
             else:
                 assert not failed, f"{case.name}: {export} failed reads {sorted(failed)[:10]}"

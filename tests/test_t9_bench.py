@@ -43,6 +43,7 @@ EXPECTED = {
     "diff_cmp": SNAP,
     "diff_socket": DITTOFS,
 }
+SNAPS_ROWS = ("open", "list", "cold", "warm", "live", "rss", "meta", "create", "delete")
 SCALED = {"open": ALL, "rss_open": ALL, "rss_busy": ALL, "create": SNAP, "delete": SNAP}
 
 
@@ -93,6 +94,14 @@ def test_quick_bench_covers_every_workload_and_system(tmp_path: Path) -> None:
     for sk in sizes:
         for prefix, systems in SCALED.items():
             expected[f"{prefix}_{sk}"] = systems
+
+    big = 64 << 30  # above it the snaps phase's pool is sparse, and stops at big_snap_level
+    for size in data["config"]["snap_sizes"]:
+        for n in data["config"]["snap_levels"]:
+            if size > big and n > data["config"]["big_snap_level"]:
+                continue
+            for what in SNAPS_ROWS:
+                expected[f"snaps_{what}_{'big' if size > big else 'vol'}_{n}"] = {"move"}
 
     assert set(rows) == set(expected), set(rows) ^ set(expected)
     for key, systems in expected.items():

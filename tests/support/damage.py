@@ -100,3 +100,12 @@ def damage(path: Path, m: MetaBlock, how: str, others: list[MetaBlock]) -> None:
         other = (same or [o for o in others if o.addr != m.addr])[0]
         buf = raw(path, other.addr)
     put(path, m.addr, bytes(buf))
+
+
+def walk_snapshot_entries(eng: Engine) -> None:
+    """Walk every snapshot's own entries (what delete, diff and send read: the shadow lists,
+    which no read of an export needs): a diff from each volume's oldest snapshot to live."""
+    for vol in list(eng.pool.volumes.values()):
+        if vol.chain:
+            oldest = eng.pool.snapshots[vol.chain[0]].name
+            eng.diff_blocks(oldest, None, vol.name)

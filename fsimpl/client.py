@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from . import rundir
-from .control import MAX_MESSAGE
+from .control import MAX_REPLY
 from .engine import Engine, Progress
 from .errors import ERRORS_BY_CODE, DittoError, NotFound, ProtocolError, ServerUnavailable
 from .operations import PROTOCOL_VERSION, dispatch
@@ -81,7 +81,7 @@ class SocketClient(PoolClient):
             else:  # the descriptor rides along with the request (SCM_RIGHTS)
                 socket.send_fds(self.sock, [msg], [fd])
             while True:
-                line = self.file.readline(MAX_MESSAGE + 1)
+                line = self.file.readline(MAX_REPLY + 1)
                 if not line:
                     raise ServerUnavailable(
                         f"the server at {self.path} closed the connection during '{op}'"

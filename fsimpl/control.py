@@ -4,7 +4,8 @@ The operations themselves are declared in operations.py; its `dispatch()` maps a
 arguments to an engine call and a JSON-ready result. The socket server here and snapctl's direct
 mode both go through it, so a command answers the same with or without a server.
 
-The protocol (docs/control-protocol.md): one JSON object per line, at most MAX_MESSAGE bytes;
+The protocol (docs/control-protocol.md): one JSON object per line, a request at most
+MAX_MESSAGE bytes (a reply at most MAX_REPLY: a listing of many snapshots is long);
 a request {"v": 1, "id": N, "op": OP, "args": {...}} gets zero or more {"v": 1, "id": N,
 "progress": {"done": D, "total": T}} lines, then exactly one reply {"v": 1, "id": N, "ok": true,
 "result": ...} or {"v": 1, "id": N, "ok": false, "error": {"code", "message", "exit_code"}}.
@@ -29,7 +30,8 @@ from .engine import Engine
 from .errors import DittoError, PermissionDenied, ProtocolError
 from .operations import PROTOCOL_VERSION, dispatch
 
-MAX_MESSAGE = 1 << 20
+MAX_MESSAGE = 1 << 20  # a request: what a client may make the server read
+MAX_REPLY = 256 << 20  # a reply: `list` of 100,000 snapshots is some 40 MB
 
 
 def error_json(e: DittoError) -> dict[str, Any]:

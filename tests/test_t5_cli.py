@@ -1322,3 +1322,19 @@ def test_direct_mode_leaves_deferred_merges_to_the_server(tmp_path: Path) -> Non
         snapctl(*args, disk=disk, check=True)
         assert sha256(disk) == digest, f"snapctl {' '.join(args)} changed the disk"
     assert snapctl_json("info", disk=disk)["volumes"][0]["unmerged_blocks"] == unmerged
+
+
+def test_list_of_thousands_of_snapshots_through_the_server(servers: Any, tmp_path: Path) -> None:
+    """A listing longer than a request may be (1 MiB) still reaches snapctl whole."""
+    disk = tmp_path / "many.img"
+    eng = Engine.open(str(disk), create_size=1 << 20, block_size=4096, claim=False)
+    count = 5000
+    for i in range(count):
+        eng.create_snapshot(f"nightly-2026-12-07-{i:05d}")
+    eng.close()
+    srv = servers(disk).start()
+    cp = srv.snapctl("list", "--json")
+    assert len(cp.stdout) > 1 << 20, len(cp.stdout)  # past what one request may be
+    names = [s["name"] for s in json.loads(cp.stdout)]
+    assert names == [f"nightly-2026-12-07-{i:05d}" for i in range(count)]
+    assert srv.stop() == 0

@@ -61,6 +61,7 @@ class ShadowIndex:
         self.by_block = IndexTree(store, index, ENTRY_SIZE)
         self.by_snap = IndexTree(store, listing, 0)
         self.dirty = dirty
+        self.version = 0  # bumped on every change: keys caches derived from the entries
 
     @property
     def inodes(self) -> tuple[InodeRecord, InodeRecord]:
@@ -108,6 +109,7 @@ class ShadowIndex:
                 self.by_snap.tree.put(listed, b"")
         self.dirty.add(self.by_block)
         self.dirty.add(self.by_snap)
+        self.version += 1
         return EMPTY_ENTRY if raw is None else entry_from_bytes(raw)
 
     def blocks(self, snap_id: int, first: int = 0, end: int = _LAST_BLOCK) -> Iterator[int]:

@@ -114,6 +114,27 @@ def unique_blocks(vol: Volume, snap_id: int) -> int:
     return n
 
 
+def unique_blocks_all(vol: Volume) -> dict[int, int]:
+    """unique_blocks of every snapshot of vol, in one pass over the shadow index: by block,
+    then snapshot, so an entry's next older snapshot's entry at the same block, if it has one,
+    is the entry just before it. Cached until the index or the chain changes."""
+    index = vol.shadow_index
+    if index is None:
+        return {}
+    key = (id(index), index.version, tuple(vol.chain))  # (an emptied snapshot's delete
+    if vol.unique_all is not None and vol.unique_all[0] == key:  # changes only the chain)
+        return vol.unique_all[1]
+    older = dict(zip(vol.chain[1:], vol.chain[:-1], strict=True))
+    counts = dict.fromkeys(vol.chain, 0)
+    prev = (-1, 0)
+    for b, sid, e in index.all_entries():
+        if e.kind == KIND_ADDR and (sid not in older or prev == (b, older[sid])):
+            counts[sid] = counts.get(sid, 0) + 1
+        prev = (b, sid)
+    vol.unique_all = (key, counts)
+    return counts
+
+
 def range_freed(vol: Volume, span: list[int]) -> int:
     """Blocks freed by deleting the consecutive snapshots span (oldest first) of vol: all their
     own blocks, except, per block, the oldest entry when the next older snapshot relies on it."""

@@ -101,6 +101,8 @@ class Volume:
         self.shadow_index: ShadowIndex | None = None  # made by the volume's first snapshot
         # snapshot id -> ((its map version, older id, older map version), unique blocks)
         self.unique_cache: dict[int, tuple[tuple[int, int, int], int]] = {}
+        # every snapshot's unique blocks, as of a shadow index version and chain (snapshots.py)
+        self.unique_all: tuple[tuple[int, int, tuple[int, ...]], dict[int, int]] | None = None
         self.origin: Volume | None = None  # a clone's origin volume (inode.origin_snap: its snap)
         self.writable: set[int] = set()  # snapshots of this volume exported read-write
         # incomplete blocks waiting for the background merge: the ones this process made, and

@@ -1,7 +1,8 @@
 """The shadow index (fsimpl/shadow_index.py) answers FIG. 10's walk with one descent. Changed
 entry by entry by every write, trim, snapshot create, delete, rollback and restart, it must
 agree with the walk itself for every snapshot and every block, and its two trees (by block, by
-snapshot) must hold the same entries."""
+snapshot) must hold the same entries, and the one-pass count of every snapshot's unique blocks
+must agree with each snapshot's own."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from model import Model, Workload
 from test_t3_model import EngineTarget
 
 from fsimpl.layout import EMPTY_ENTRY
+from fsimpl.snapshots import unique_blocks, unique_blocks_all
 from fsimpl.volume import Volume
 
 
@@ -46,8 +48,10 @@ def test_index_agrees_with_the_walk(tmp_path: Path) -> None:
             by_block = {(sid, b) for b, sid, _ in index.all_entries()}
             assert by_block == set(index.all_listed())
             assert {sid for sid, _ in by_block} <= set(vol.chain)
+            unique = unique_blocks_all(vol)  # what list shows, in one pass
             for sid in vol.chain:
                 own = sum(1 for s, _ in by_block if s == sid)
                 assert vol.shadows[sid].inode.entry_count == own
+                assert unique.get(sid, 0) == unique_blocks(vol, sid), sid
             wl.check_all()
     assert compared > 10_000  # the workload kept snapshots around to compare

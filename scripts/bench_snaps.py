@@ -2,7 +2,8 @@
 
 A volume is written in full (a sparse pool is not: the 1 TiB row), then snapshots are taken
 through the control socket, each after one 4 KiB write at a random place, up to each level of
---snap-levels. At each level the server is restarted and timed and measured:
+--snap-levels. At each level the server first merges the partial writes (live idle), then it is
+restarted and timed and measured:
 
 * open: from the launch until a 4 KiB read answers;
 * list: `snapctl list --json` against that fresh server (wall time of the command);
@@ -98,6 +99,7 @@ def _run_levels(bench: Any, m: Dittofs, size: int, big: bool, levels: list[int])
             have += 1
         h.shutdown()
         m.flush()
+        _merged(m)
         k = f"{'big' if big else 'vol'}_{n}"
         grown = _used(m) - base - have * BLOCK  # each write moved (or allocated) one block
         bench_log(f"snaps: {n} snapshots built in {time.perf_counter() - t:.0f}s")
@@ -130,6 +132,16 @@ def _run_levels(bench: Any, m: Dittofs, size: int, big: bool, levels: list[int])
             _write_one(m, rng, nblocks)
             res.add(f"snaps_delete_{k}", m.key, m.snap_delete(f"t{j}") * 1000)
     m.remove()
+
+
+def _merged(m: Dittofs, limit: float = 600.0) -> None:
+    """Wait until the server has merged every partial write (it does while live is idle): the
+    reads measured next are then not sharing the server with the merges."""
+    deadline = time.monotonic() + limit
+    while m.call("info")["volumes"][0]["unmerged_blocks"]:  # type: ignore[index]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"merges not done after {limit:.0f} s")
+        time.sleep(0.5)
 
 
 def _write_one(m: Dittofs, rng: random.Random, nblocks: int) -> None:

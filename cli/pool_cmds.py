@@ -10,13 +10,16 @@ from typing import Any
 
 import click
 
-from fsimpl import checker, rundir
-from fsimpl.engine import Engine
+from fsimpl import rundir
 from fsimpl.errors import DittoError, InvalidArgument, NotFound, Refused
 from fsimpl.layout import DEFAULT_BLOCK_SIZE, DEFAULT_METADATA_COPIES
 
 from .app import Context, main, run
 from .render import Renderer, human_size, parse_size
+
+# The engine and the checker are imported by the commands that open the disk themselves, not
+# here: every snapctl command imports this module, and one served by a running server should
+# not pay the fifth of a second the engine takes to import.
 
 
 @main.command("format", epilog="Example: snapctl format pool.img --size 10G")
@@ -55,6 +58,8 @@ def format_cmd(
     """Make a pool on DISK: a block device, a partition or an image file (created if missing)."""
 
     def body() -> None:
+        from fsimpl.engine import Engine
+
         result = Engine.format(
             disk,
             parse_size(size) if size else None,
@@ -84,6 +89,8 @@ def upgrade(disk: str, as_json: bool) -> None:
     Only metadata is rewritten, copy-on-write: a crash leaves the old pool or the new one."""
 
     def body() -> None:
+        from fsimpl.engine import Engine
+
         result = Engine.upgrade(disk)
         if as_json:
             click.echo(json.dumps(result))
@@ -119,6 +126,8 @@ def rewind(obj: Context, generation: int | None, list_: bool, yes: bool, as_json
         if list_ == (generation is not None):
             raise InvalidArgument("give either --list or a GENERATION (see 'rewind --list')")
         if list_:
+            from fsimpl.engine import Engine
+
             found = Engine.rewind_list(disk)
             if as_json:
                 click.echo(json.dumps(found, indent=2))
@@ -138,6 +147,8 @@ def rewind(obj: Context, generation: int | None, list_: bool, yes: bool, as_json
                 "add --yes to do it"
             )
         assert generation is not None
+        from fsimpl.engine import Engine
+
         result = Engine.rewind(disk, generation)
         if as_json:
             click.echo(json.dumps(result))
@@ -221,6 +232,8 @@ def _check(obj: Context, as_json: bool, repair: bool) -> int:
         return 1 if report.get("healed") else 0  # fsck's 1: errors found, all corrected
     if not disk:
         raise NotFound("no pool given: use -d DISK (or set DITTOFS_DISK)")
+    from fsimpl import checker
+
     if not repair:
         report = checker.report_json(checker.check_disk(disk))
         _show_report(report, as_json)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from fsimpl.units import parse_size
 
-__all__ = ["Renderer", "human_size", "parse_size"]
+__all__ = ["Renderer", "human_size", "json_rows", "parse_size"]
 
 
 # column key -> (JSON field, header)
@@ -30,6 +31,15 @@ COLUMNS: dict[str, tuple[str, str]] = {
     "holds": ("holds", "HOLDS"),
     "volumes": ("volumes", "VOLUMES"),
 }
+
+
+def json_rows(rows: list[Any]) -> str:
+    """A JSON array with one compact element per line: as easy to read and grep as an
+    indented one, and made by the C encoder (indent= takes the pure-Python one, which spent a
+    third of a second on 10,000 snapshots)."""
+    if not rows:
+        return "[]"
+    return "[\n" + ",\n".join("  " + json.dumps(r) for r in rows) + "\n]"
 
 
 def human_size(n: int) -> str:

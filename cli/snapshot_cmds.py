@@ -17,7 +17,7 @@ import click
 from fsimpl.errors import InvalidArgument, NotFound, Refused
 
 from .app import Context, complete_snapshot, main, run
-from .render import COLUMNS, Renderer, deferred_note, human_size
+from .render import COLUMNS, Renderer, deferred_note, human_size, json_rows
 
 VOLUME_OPTION = click.option(
     "--volume", default="live", show_default=True, metavar="V", help="The volume to act on."
@@ -143,7 +143,7 @@ def list_cmd(
                 field = COLUMNS[key][0]
                 snaps.sort(key=lambda s: (s[field] is None, s[field]), reverse=reverse)
         if as_json:
-            click.echo(json.dumps(snaps, indent=2))
+            click.echo(json_rows(snaps))
         else:
             Renderer(no_header=no_header, parsable=parsable).table(cols, snaps)
         if pool is not None:

@@ -16,7 +16,7 @@ import click
 from fsimpl.client import DirectClient, PoolClient
 from fsimpl.errors import InvalidArgument, ServerUnavailable
 from fsimpl.keys import read_psk
-from fsimpl.standby import ReplicationEndpoint, parse_address
+from fsimpl.standby import parse_address
 
 from .app import Context, main, run
 from .render import human_size
@@ -76,6 +76,8 @@ def standby_serve(
         assert obj.disk
         client = obj.client()
         assert isinstance(client, DirectClient)
+        from fsimpl.standby import ReplicationEndpoint
+
         ep = ReplicationEndpoint(
             client.engine,
             listen,

@@ -13,13 +13,14 @@ import json
 import os
 import socket
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import rundir
-from .control import MAX_REPLY
-from .engine import Engine, Progress
 from .errors import ERRORS_BY_CODE, DittoError, NotFound, ProtocolError, ServerUnavailable
-from .operations import PROTOCOL_VERSION, dispatch
+from .protocol import MAX_REPLY, PROTOCOL_VERSION
+
+if TYPE_CHECKING:  # the engine is imported only in direct mode: see protocol.py
+    from .engine import Engine, Progress
 
 
 class PoolClient(ABC):
@@ -60,7 +61,9 @@ class SocketClient(PoolClient):
             raise ServerUnavailable(
                 f"cannot reach the pool's server at {path}: {e.strerror or e}; is it running?"
             ) from None
-        self.file = self.sock.makefile("rwb", buffering=0)
+        # Buffered: a raw socket file's readline takes one byte per recv, which made a
+        # multi-megabyte reply (a list of thousands of snapshots) cost seconds.
+        self.reader = self.sock.makefile("rb")
         self.ids = itertools.count(1)
 
     def call(
@@ -77,11 +80,11 @@ class SocketClient(PoolClient):
         msg = json.dumps(req).encode() + b"\n"
         try:
             if fd is None:
-                self.file.write(msg)
+                self.sock.sendall(msg)
             else:  # the descriptor rides along with the request (SCM_RIGHTS)
                 socket.send_fds(self.sock, [msg], [fd])
             while True:
-                line = self.file.readline(MAX_REPLY + 1)
+                line = self.reader.readline(MAX_REPLY + 1)
                 if not line:
                     raise ServerUnavailable(
                         f"the server at {self.path} closed the connection during '{op}'"
@@ -106,7 +109,7 @@ class SocketClient(PoolClient):
         raise exc
 
     def close(self) -> None:
-        self.file.close()
+        self.reader.close()
         self.sock.close()
 
 
@@ -123,6 +126,8 @@ class DirectClient(PoolClient):
         progress: Progress | None = None,
         fd: int | None = None,
     ) -> Any:
+        from .operations import dispatch
+
         result = dispatch(self.engine, op, args or {}, progress, fd)
         return json.loads(json.dumps(result))  # the same shapes the socket would deliver
 
@@ -148,4 +153,6 @@ def connect(disk: str | None, control: str | None = None) -> PoolClient:
         raise NotFound(f"{disk} does not exist")
     # Direct mode holds the lock but does not claim the pool: a command that only reads, or
     # is refused, leaves the disk byte-identical.
+    from .engine import Engine
+
     return DirectClient(Engine.open(disk, claim=False))

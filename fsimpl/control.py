@@ -28,10 +28,8 @@ from typing import Any
 
 from .engine import Engine
 from .errors import DittoError, PermissionDenied, ProtocolError
-from .operations import PROTOCOL_VERSION, dispatch
-
-MAX_MESSAGE = 1 << 20  # a request: what a client may make the server read
-MAX_REPLY = 256 << 20  # a reply: `list` of 100,000 snapshots is some 40 MB
+from .operations import dispatch
+from .protocol import MAX_MESSAGE, PROTOCOL_VERSION
 
 
 def error_json(e: DittoError) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -23,12 +23,11 @@ from . import standby
 from .core import Progress
 from .errors import InvalidArgument, ProtocolError
 from .names import DEFAULT_VOLUME
+from .protocol import PROTOCOL_VERSION
 from .snapshot_ops import DEFAULT_HOLD_TAG, SnapshotInfo
 
 if TYPE_CHECKING:
     from .engine import Engine
-
-PROTOCOL_VERSION = 1
 
 
 class Kind(Enum):
@@ -166,7 +165,9 @@ def _shown(text: str) -> str:
 
 
 def snapshot_json(info: SnapshotInfo) -> dict[str, Any]:
-    d = asdict(info)
+    # not dataclasses.asdict: its deep copy took two thirds of listing 10,000 snapshots, and
+    # these fields are flat (the two lists are the info's own)
+    d = dict(vars(info))
     d["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.created_ns / 1e9))
     return d
 

@@ -22,6 +22,13 @@ Balance: a leaf or interior node splits in two when full; after a delete, a node
 quarter full is merged into a neighbour when the two fit in three quarters of a node, and an
 emptied node leaves its parent. A root with a single child gives way to it.
 
+Hot leaves: a committed tree remembers the key ranges of the last leaves it descended to
+(each leaf's bounds, as its parents give them, and its address), so a lookup in one of them
+goes straight to the leaf: one C bisect instead of a descent of interior nodes. Only the
+range and address are kept, never the node: a leaf the cache evicted is found by a descent
+again, so this adds nothing to memory beyond a few keys. The ranges hold while the tree is
+unchanged; the first change (which is where an address can be freed) forgets them.
+
 Locking: callers hold the engine lock for every call below.
 """
 
@@ -53,6 +60,8 @@ from .radix import MetaStore, Node
 
 Child = BlockPointer | Node  # an interior node's child: committed, or dirty and pinned
 
+HOT_LEAVES = 64  # key ranges remembered per tree (see "Hot leaves" above)
+
 
 class KeyedTree:
     """A B+tree of (16-byte key, value_size-byte value) records."""
@@ -75,6 +84,9 @@ class KeyedTree:
         self.fanout = keyed_fanout(store.block_size)
         self._leaf_record = KEY_SIZE + value_size
         self._interior_record = KEY_SIZE + POINTER_SIZE
+        # hot leaves: sorted lower bounds, and for each its upper bound (None: none) and address
+        self._hot_lo: list[bytes] = []
+        self._hot_leaf: list[tuple[bytes | None, int]] = []
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -118,10 +130,49 @@ class KeyedTree:
         return self._load(keyed_pointer_at(node.buf, i), node.level - 1)
 
     def _leaf_for(self, key: bytes) -> Node | None:
+        if self.root_node is not None:  # changing: a plain descent through dirty nodes
+            node: Node | None = self.root_node
+            while node is not None and node.level > 0:
+                node = self._child(node, self._child_index(node, key))
+            return node
+        i = bisect.bisect_right(self._hot_lo, key) - 1
+        if i >= 0:
+            hi, addr = self._hot_leaf[i]
+            if hi is None or key < hi:
+                node = self.store.cache.get(addr)
+                if node is not None:
+                    return node
+        return self._descend(key)
+
+    def _descend(self, key: bytes) -> Node | None:
+        """A committed tree's leaf for key, remembered with its key range."""
         node = self._root()
+        lo, hi = b"", None
+        rs = self._interior_record
         while node is not None and node.level > 0:
-            node = self._child(node, self._child_index(node, key))
+            i = self._child_index(node, key)
+            if i > 0:
+                lo = keyed_key_at(node.buf, rs, i)
+            if i + 1 < node.count:
+                hi = keyed_key_at(node.buf, rs, i + 1)
+            node = self._child(node, i)
+        if node is not None and node.addr:
+            self._remember(lo, hi, node.addr)
         return node
+
+    def _remember(self, lo: bytes, hi: bytes | None, addr: int) -> None:
+        if len(self._hot_lo) >= HOT_LEAVES:
+            self._forget_hot()
+        j = bisect.bisect_left(self._hot_lo, lo)
+        if j < len(self._hot_lo) and self._hot_lo[j] == lo:
+            self._hot_leaf[j] = (hi, addr)
+            return
+        self._hot_lo.insert(j, lo)
+        self._hot_leaf.insert(j, (hi, addr))
+
+    def _forget_hot(self) -> None:
+        self._hot_lo.clear()
+        self._hot_leaf.clear()
 
     def _size(self, node: Node) -> int:
         return len(node.records[0]) if node.records is not None else node.count
@@ -214,6 +265,7 @@ class KeyedTree:
         return node
 
     def _dirty_root(self) -> Node:
+        self._forget_hot()  # the change about to start may free a remembered leaf's address
         node = self._root()
         if node is None:
             node = self._new(0, [], [])
@@ -406,6 +458,7 @@ class KeyedTree:
         """Free every node of the tree (its records must already be disposed of). Returns the
         number of nodes freed."""
         freed = 0
+        self._forget_hot()
         if self.root_node is not None:
             freed = self._free_dirty(self.root_node)
         elif self.root.addr0:

@@ -171,13 +171,16 @@ class Volume:
     def _own_range(self, snap_id: int | None, first: int, count: int) -> list[Entry]:
         if snap_id is None or self.shadow_index is None:
             return self.live_range(first, count)
-        serving = self.shadow_index.serving
-        get = self.live.get
-        out: list[Entry] = []
-        for b in range(first, first + count):
-            found = serving(snap_id, b)
-            out.append(found[1] if found is not None else get(b))
-        return out
+        own = self._own_entry
+        return [own(snap_id, b) for b in range(first, first + count)]
+
+    def _own_entry(self, snap_id: int, block: int) -> Entry:
+        """What snap_id reads at block, this volume alone (its origin aside): the entry of the
+        oldest snapshot at least as new that has one (FIG. 10's walk, one index lookup), else
+        live's."""
+        assert self.shadow_index is not None
+        found = self.shadow_index.serving(snap_id, block)
+        return found[1] if found is not None else self.live.get(block)
 
     def live_range(self, first: int, count: int) -> list[Entry]:
         get = self.live.get
@@ -195,8 +198,7 @@ class Volume:
             if snap_id is None or self.shadow_index is None:
                 e = self.live.get(first)
             else:
-                found = self.shadow_index.serving(snap_id, first)
-                e = found[1] if found is not None else self.live.get(first)
+                e = self._own_entry(snap_id, first)
             if e.kind != KIND_ADDR:
                 out[:] = bytes(length)
             elif ctx.checksums:

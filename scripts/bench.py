@@ -80,6 +80,7 @@ from bench_systems import (  # noqa: E402
     apply_writes,
     fio,
     make_systems,
+    mibs,
     rss_kib,
     timed_run,
     write_iolog,
@@ -230,10 +231,6 @@ class Results:
             return None
         a, b = r.median(num), r.median(den)
         return a / b if a is not None and b else None
-
-
-def mibs(r: dict[str, float]) -> float:
-    return r["bw"] / MiB
 
 
 # --- phases ----------------------------------------------------------------------------------

@@ -69,6 +69,11 @@ def _connectable(path: Path) -> bool:
         s.close()
 
 
+def mibs(r: dict[str, float]) -> float:
+    """A fio result's rate in MiB/s."""
+    return r["bw"] / (1 << 20)
+
+
 def rss_kib(pid: int) -> tuple[int, int]:
     """(VmRSS, VmHWM) of a process in KiB, from /proc/PID/status."""
     vals = {}

@@ -219,6 +219,37 @@ def test_a_lookup_reads_one_node_per_level_whatever_the_count(tmp_path: Path) ->
     assert heights[60_000] <= 2 and reads[60_000] <= 4, (reads, heights)
 
 
+def test_a_lookup_in_a_remembered_leaf_reads_no_interior_node(tmp_path: Path) -> None:
+    """The warm path of a snapshot read: once a leaf's key range is known, a lookup in it goes
+    straight to the cached leaf, even with every interior node evicted; and a change to the
+    tree forgets the ranges (its nodes move), with lookups exact throughout."""
+    rig = Rig(tmp_path / "pool.img", capacity=1 << 16)
+    tree = KeyedTree(rig.store, OWNER, VALUE)
+    for n in range(10_000):
+        tree.put(key(n * 3), value(n))
+    rig.commit(tree)
+    assert tree.height >= 2
+    probes = [n * 3 for n in range(1, 10_000, 250)]  # fewer leaves than are remembered
+    for n in probes:
+        assert tree.ceiling(key(n - 1)) == (key(n), value(n // 3))
+    interior = [a for a, node in rig.store.cache.items() if node.level > 0]
+    for a in interior:
+        del rig.store.cache[a]
+    before = rig.store.nodes_read
+    for n in probes:
+        assert tree.ceiling(key(n - 1)) == (key(n), value(n // 3))
+        assert tree.get(key(n)) == value(n // 3)
+        assert tree.get(key(n + 1)) is None
+    assert rig.store.nodes_read == before, "a remembered leaf was reached through its parents"
+    # a change moves the leaves: the ranges are forgotten, and lookups stay exact
+    for n in probes:
+        tree.put(key(n + 1), value(n, 1))
+    rig.commit(tree)
+    for n in probes:
+        assert tree.ceiling(key(n + 1)) == (key(n + 1), value(n, 1))
+        assert tree.get(key(n)) == value(n // 3)
+
+
 def test_a_bad_first_copy_is_served_from_the_second(tmp_path: Path) -> None:
     rig = Rig(tmp_path / "pool.img", copies=2)
     tree = KeyedTree(rig.store, OWNER, VALUE)

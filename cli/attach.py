@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import re
@@ -244,7 +245,7 @@ def entry_state(e: dict[str, Any]) -> str:
         ok = bool(dev) and dev in loops_backed_by(e.get("nbd_file") or "")
         ok = ok and bool(e.get("nbdfuse_pid")) and rundir.pid_alive(int(e["nbdfuse_pid"]))
     else:
-        ok = bool(dev) and nbd_connected(dev)
+        ok = isinstance(dev, str) and bool(dev) and nbd_connected(dev)
     if e.get("mountpoint"):
         ok = ok and mounted_at(e["mountpoint"]) == dev
     return "attached" if ok else "broken"
@@ -375,12 +376,12 @@ class Attacher:
 
         def ready() -> bool:
             if proc.poll() is not None:
-                with open(log, errors="replace") as f:
-                    lines = f.read().strip().splitlines() or [f"exit status {proc.returncode}"]
+                with open(log, errors="replace") as text:
+                    lines = text.read().strip().splitlines() or [f"exit status {proc.returncode}"]
                 raise DittoError(f"nbdfuse failed for {self.e['export']}: {lines[-1]}")
             try:
-                with open(pidfile) as f:
-                    if not f.read().strip():
+                with open(pidfile) as text:
+                    if not text.read().strip():
                         return False
             except FileNotFoundError:
                 return False
@@ -388,8 +389,8 @@ class Attacher:
 
         if not wait_for(ready, TIMEOUT):
             raise DittoError(f"nbdfuse did not come up in {TIMEOUT:.0f}s (log: {log})")
-        with open(pidfile) as f:
-            pid = int(f.read().strip())
+        with open(pidfile) as text:
+            pid = int(text.read().strip())
         self.record(nbdfuse_pid=pid, nbd_file=nbd_file)
         args = ["losetup", "--find", "--show"]
         if self.e["read_only"]:
@@ -412,7 +413,7 @@ class Attacher:
             self.record(device=dev)  # first: even a half-connected device gets nbd-client -d
             cp = sh("nbd-client", *args, timeout=TIMEOUT)
             if cp.returncode == 0:
-                if not wait_for(lambda d=dev: nbd_connected(d), TIMEOUT):
+                if not wait_for(functools.partial(nbd_connected, dev), TIMEOUT):
                     raise DittoError(f"{dev} did not get a size after nbd-client")
                 self.record(nbd_client_pid=nbd_pid(dev))
                 return

@@ -60,7 +60,7 @@ def format_cmd(
     def body() -> None:
         from fsimpl.engine import Engine
 
-        result = Engine.format(
+        result: dict[str, Any] = Engine.format(
             disk,
             parse_size(size) if size else None,
             parse_size(block_size),

@@ -131,9 +131,9 @@ def list_cmd(
             if columns
             else ["name", "id", "created", "used", "referenced", "written", "holds"]
         )
-        for c in [*cols, *(x for x in (sort, rsort) if x)]:
-            if c not in COLUMNS:
-                raise InvalidArgument(f"unknown column '{c}'; columns: {', '.join(COLUMNS)}")
+        for col in [*cols, *(x for x in (sort, rsort) if x)]:
+            if col not in COLUMNS:
+                raise InvalidArgument(f"unknown column '{col}'; columns: {', '.join(COLUMNS)}")
         with obj.client() as c:
             snaps: list[dict[str, Any]] = c.call("list")
             human = not (as_json or parsable or no_header) and sys.stdout.isatty()

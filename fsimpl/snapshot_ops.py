@@ -25,7 +25,6 @@ from .layout import (
     OP_NONE,
     OP_ROLLBACK,
     SNAP_ACTIVE,
-    SNAP_DELETING,
     SNAPF_REPLICATION,
     SNAPF_WRITABLE,
     SnapshotRecord,
@@ -231,8 +230,10 @@ class SnapshotOps(OperationModule):
     def _freed_in_order(self, ids: list[int]) -> list[int]:
         """Blocks each delete in turn frees, given the snapshots already being deleted."""
         out = [0] * len(ids)
-        for vol in self.pool.volumes.values():
-            gone = {s for s in vol.chain if self.pool.snapshots[s].state == SNAP_DELETING}
+        pool = self.pool
+        deleting = set(pool.pending_deletes())
+        for vol in pool.volumes.values():
+            gone = {s for s in deleting if s in vol.shadows}
             before = snapops.freed_by_deleting(vol, gone)
             for i, sid in enumerate(ids):
                 if sid in vol.shadows:

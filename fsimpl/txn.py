@@ -202,6 +202,9 @@ class Pool:
         self.snaptab = snapshot_table(self.store, root_pointer(sb, "snap"), sb.snap_height)
         self.volumes: dict[int, Volume] = {}
         self.snapshots: dict[int, SnapshotRecord] = {}
+        # ids of the snapshots being deleted (state SNAP_DELETING): what pending_deletes() lists
+        # at every tick, kept here rather than found by a look at every record
+        self.deleting: set[int] = set()
         self.dirty_maps: set[InodeTree] = set()
         self.dirty_inodes: dict[int, InodeRecord | None] = {}
         self.dirty_snaps: dict[int, SnapshotRecord | None] = {}
@@ -394,6 +397,8 @@ class Pool:
         self._load_in_place()
         for _, snap in self.snaptab.items(skip=lambda e: self._damaged("snapshot table", e)):
             self.snapshots[snap.id] = snap
+            if snap.state == SNAP_DELETING:
+                self.deleting.add(snap.id)
         tables_damaged = {"inode table", "snapshot table"} & set(self.damage)
         if tables_damaged:
             self._bound_damage(shadows, tables_damaged)
@@ -640,6 +645,7 @@ class Pool:
         """Step one of a delete: the snapshot disappears from view; its blocks are reclaimed
         afterwards by `reclaim_step` (and after a crash, on the next open)."""
         rec.state = SNAP_DELETING
+        self.deleting.add(rec.id)
         self.touch_snapshot(rec)
         for vol in self.covering(rec.id):
             if vol.inode.snap_id == rec.id:
@@ -650,13 +656,14 @@ class Pool:
                 self.touch_inode(vol.inode)
 
     def pending_deletes(self) -> list[int]:
-        return sorted(s for s, r in self.snapshots.items() if r.state == SNAP_DELETING)
+        return sorted(self.deleting)
 
     def finish_delete(self, sid: int) -> None:
         """Every covered volume's shadow map is empty: drop the records."""
         for vol in self.covering(sid):
             self._drop_shadow(vol, sid)
         del self.snapshots[sid]
+        self.deleting.discard(sid)
         self.dirty_snaps[sid] = None
 
     def _drop_shadow(self, vol: Volume, sid: int) -> None:
@@ -675,6 +682,7 @@ class Pool:
             rec.covered -= 1
             if rec.covered <= 0:
                 del self.snapshots[sid]
+                self.deleting.discard(sid)
                 self.dirty_snaps[sid] = None
             else:
                 self.touch_snapshot(rec)

@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+# lint and types first: a style or type error fails the run as a test would
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy fsimpl plugin cli
 exec .venv/bin/python -m pytest "$@"

@@ -23,6 +23,7 @@ from .layout import (
     InodeRecord,
     map_leaf_capacity,
     nonzero_records,
+    read_entries,
     read_entry,
     write_entry,
 )
@@ -56,6 +57,22 @@ class BlockMap:
         if node is None:
             return EMPTY_ENTRY
         return read_entry(node.buf, index)
+
+    def get_range(self, first: int, count: int) -> list[Entry]:
+        """The entries of blocks [first, first + count), leaf by leaf."""
+        cap = self.capacity
+        out: list[Entry] = []
+        block, end = first, first + count
+        while block < end:
+            leaf_no, index = divmod(block, cap)
+            n = min(cap - index, end - block)
+            node = self.tree.leaf(leaf_no)
+            if node is None:
+                out.extend([EMPTY_ENTRY] * n)
+            else:
+                out.extend(read_entries(node.buf, index, index + n))
+            block += n
+        return out
 
     def leaf_mask(self, node: Node) -> int:
         """Bitmask of the leaf's non-empty slots (bit i = slot i), computed once per load."""

@@ -632,6 +632,22 @@ def read_entry(buf: bytes | bytearray, index: int) -> Entry:
     return Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, lo, hi, tail & 0xFFFFFFFF)
 
 
+def read_entries(buf: bytes | bytearray, lo: int, hi: int) -> list[Entry]:
+    """Entries lo..hi-1 of a map leaf, as read_entry reads each (one pass over the bytes: a
+    1 MiB request reads sixteen at once)."""
+    out: list[Entry] = []
+    add = out.append
+    view = memoryview(buf)[HEADER_SIZE + ENTRY_SIZE * lo : HEADER_SIZE + ENTRY_SIZE * hi]
+    for word, birth, vlo, vhi, tail in MAP_ENTRY.iter_unpack(view):
+        flags = word >> 56
+        if flags & ENTRY_INCOMPLETE:
+            add(Entry((word >> 48) & 0xFF, word & ADDR_MASK, birth, flags, vlo, vhi, 0, tail))
+        else:
+            kind, addr = (word >> 48) & 0xFF, word & ADDR_MASK
+            add(Entry(kind, addr, birth, flags, vlo, vhi, tail & 0xFFFFFFFF))
+    return out
+
+
 def write_entry(buf: bytearray, index: int, e: Entry) -> None:
     MAP_ENTRY.pack_into(
         buf,

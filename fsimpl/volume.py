@@ -183,8 +183,7 @@ class Volume:
         return found[1] if found is not None else self.live.get(block)
 
     def live_range(self, first: int, count: int) -> list[Entry]:
-        get = self.live.get
-        return [get(b) for b in range(first, first + count)]
+        return self.live.get_range(first, count)
 
     # --- reads --------------------------------------------------------------------------------
 
@@ -209,6 +208,10 @@ class Volume:
         entries = self.resolve_range(snap_id, first, last - first + 1)
         if ctx.checksums:
             self._read_verified(ctx, entries, first, out, offset)
+            return
+        addr = contiguous_run(entries, None)
+        if addr is not None:  # the common large read: one run on disk, one pread
+            ctx.device.pread_into(out, addr * bs + offset - first * bs)
             return
         pos = 0
         run_disk = run_pos = run_len = 0
@@ -451,6 +454,13 @@ class Volume:
                     and self._deferred_first_write(ctx, first, e, data, start)
                 ):
                     return
+        elif not ctx.checksums:
+            addr = contiguous_run(self.live.get_range(first, last - first + 1), latest)
+            if addr is not None:
+                # live owns every block outright, one run on disk: the common large overwrite,
+                # in place with one pwrite (what the single-block case above does per block)
+                ctx.device.pwrite(data, addr * bs + offset - first * bs)
+                return
         if cow == COW_COPY and latest and not ctx.checksums:
             # (with data checksums a shared block is never overwritten in place, so nothing
             # needs copying aside first: shared blocks move to the snapshot as under cow=move)
@@ -854,6 +864,22 @@ def copy_units(ctx: DataContext, src: Entry, dst: int, a: int, z: int) -> None:
             ctx.device.stats.checksum_errors += 1
             sums.poison(dst, u, SUM_UNIT)
             log.warning("%s; copied to block %d with its damage marked", err, dst)
+
+
+def contiguous_run(entries: list[Entry], newer_than: int | None) -> int | None:
+    """The first block's address when every entry is a plain block (no flags: complete, of
+    this volume) and they follow one another on disk; else None. newer_than: every block must
+    also be born after that snapshot (live owns it outright: no snapshot shares it)."""
+    first = entries[0]
+    if first.kind != KIND_ADDR:
+        return None
+    addr = first.addr
+    for i, e in enumerate(entries):
+        if e.kind != KIND_ADDR or e.flags or e.addr != addr + i:
+            return None
+        if newer_than and e.birth <= newer_than:
+            return None
+    return addr
 
 
 def write_coalesced(device: Device, writes: list[tuple[int, memoryview]]) -> None:

@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--size", default="256M", help="volume size (fio's units)")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--lines", action="store_true", help="by source line, not by function")
     a = ap.parse_args()
     if shutil.which("py-spy") is None:
         print("profile_io: py-spy is not on PATH; see this script's docstring", file=sys.stderr)
@@ -77,7 +78,19 @@ def main() -> int:
                 )
             raw = work / "samples.txt"
             spy = subprocess.Popen(
-                ["py-spy", "record", "-p", str(proc.pid), "-r", "500", "-f", "raw", "-o", str(raw)]
+                [
+                    "py-spy",
+                    "record",
+                    "--nonblocking",
+                    "-p",
+                    str(proc.pid),
+                    "-r",
+                    "500",
+                    "-f",
+                    "raw",
+                    "-o",
+                    str(raw),
+                ]
                 + ["-d", str(int(a.seconds) + 2)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
@@ -90,14 +103,14 @@ def main() -> int:
             print(
                 f"{a.row} on {a.system}: {r['bw'] / (1 << 20):,.0f} MiB/s over {r['seconds']:.1f} s"
             )
-            _summarise(raw, a.top)
+            _summarise(raw, a.top, a.lines)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
     return 0
 
 
-def _summarise(raw: Path, top: int) -> None:
+def _summarise(raw: Path, top: int, lines: bool) -> None:
     """Self and inclusive shares of the request-serving samples, by function."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
@@ -109,8 +122,8 @@ def _summarise(raw: Path, top: int) -> None:
             continue  # another thread: the control server, the ticker, idle
         n = int(count)
         total += n
-        own[_short(frames[-1])] += n
-        for f in {_short(f) for f in frames}:
+        own[_short(frames[-1], lines)] += n
+        for f in {_short(f, lines) for f in frames}:
             inclusive[f] += n
     if not total:
         print("no request samples (was the workload too short?)")
@@ -121,10 +134,14 @@ def _summarise(raw: Path, top: int) -> None:
         print(f"{100 * n / total:5.1f}% {100 * inclusive[name] / total:5.1f}%  {name}")
 
 
-def _short(frame: str) -> str:
-    """'func (path/to/file.py:123)' -> 'func (file.py)': lines of one function add up."""
+def _short(frame: str, lines: bool = False) -> str:
+    """'func (path/to/file.py:123)' -> 'func (file.py)': lines of one function add up (with
+    lines, 'func (file.py:123)')."""
     name, _, where = frame.partition(" (")
-    return f"{name} ({os.path.basename(where.split(':')[0])})" if where else name or "(native)"
+    if not where:
+        return name or "(native)"
+    where = os.path.basename(where.rstrip(")"))
+    return f"{name} ({where if lines else where.split(':')[0]})"
 
 
 def _bytes(text: str) -> int:

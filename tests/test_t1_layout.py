@@ -212,6 +212,9 @@ def test_map_entry_round_trip_and_neighbours_untouched() -> None:
         want = entries.get(i, L.EMPTY_ENTRY)
         assert L.read_entry(buf, i) == want, i
         assert L.entry_is_empty(buf, i) == (want == L.EMPTY_ENTRY)
+    # read in ranges (what a large request reads), the same entries one by one
+    for lo, hi in ((0, cap), (0, 1), (4, 7), (cap - 2, cap), (3, 3)):
+        assert L.read_entries(buf, lo, hi) == [L.read_entry(buf, i) for i in range(lo, hi)]
     assert bytes(buf[: L.HEADER_SIZE]) == bytes(L.HEADER_SIZE)  # header left alone
     # the last entry ends inside the block
     assert L.HEADER_SIZE + L.ENTRY_SIZE * cap <= BS

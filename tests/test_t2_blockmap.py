@@ -123,6 +123,9 @@ def test_entries_in_and_iter_entries_across_leaves(mrig: MapRig) -> None:
     assert list(m.entries_in(600 * CAP + 9, 1)) == [(600 * CAP + 9, want[600 * CAP + 9])]
     assert list(m.leaf_numbers()) == [0, 1, 3, 600]
     assert list(m.leaf_numbers(2)) == [3, 600]
+    # a range across leaves, absent ones included, is each block's entry in turn
+    for first, count in ((0, 3 * CAP + 5), (CAP - 2, 4), (2 * CAP, CAP), (600 * CAP + 8, 3)):
+        assert m.get_range(first, count) == [m.get(b) for b in range(first, first + count)]
 
 
 def test_leaf_mask_tracks_changes_of_a_loaded_leaf(mrig: MapRig) -> None:

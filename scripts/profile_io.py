@@ -4,13 +4,16 @@ pass-through plugin, the Python ceiling), sampled with py-spy, summarised by fun
 
     scripts/profile_io.py ROW [--system dittofs|pt] [--size 256M] [--seconds 8]
 
-ROW is one of: seq_write (1 MiB writes over a written volume), seq_read (1 MiB reads),
-first_seq (1 MiB writes right after a snapshot of the written volume), rand_read (4 KiB,
-QD16). py-spy must be on PATH (it is not part of the stack: `pip download py-spy` and unpack the
+ROW is one of: seq_fill (1 MiB writes over an empty volume, once), seq_write (1 MiB writes
+over a written volume), seq_read (1 MiB reads), first_seq (1 MiB writes right after a snapshot
+of the written volume, once), rand_read (4 KiB, QD16). On the pass-through plugin first_seq is a
+plain overwrite: it has no snapshots.
+
+py-spy must be on PATH (it is not part of the stack: `pip download py-spy` and unpack the
 wheel, or `pip install py-spy` into any environment). The samples cover every thread of the
-nbdkit process, idle ones included; the summary reports each function's share of the samples
-of the thread that serves requests, so "self" columns add up to 100% of that thread's time:
-time in pread/pwrite is I/O with the GIL released, the rest is Python the request paid for.
+nbdkit process (idle samples left out, as py-spy does by default); the summary reports each
+function's share of the samples of the requests, so "self" adds up to 100% of the time spent
+serving them: time in pread/pwrite is I/O with the GIL released, the rest is Python.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from bench_systems import fio  # noqa: E402
 
 PLUGIN = REPO / "plugin" / "plugin.py"
 PASSTHROUGH = REPO / "scripts" / "passthrough_plugin.py"
-ROWS = {  # row -> (fio rw, block size, queue depth, snapshot first)
-    "seq_write": ("write", "1M", 1, False),
-    "seq_read": ("read", "1M", 1, False),
-    "first_seq": ("write", "1M", 1, True),
-    "rand_read": ("randread", "4k", 16, False),
+ROWS = {  # row -> (fio rw, block size, queue depth, written first, snapshot first)
+    "seq_fill": ("write", "1M", 1, False, False),
+    "seq_write": ("write", "1M", 1, True, False),
+    "seq_read": ("read", "1M", 1, True, False),
+    "first_seq": ("write", "1M", 1, True, True),
+    "rand_read": ("randread", "4k", 16, True, False),
 }
 REQUEST_ENTRY = ("pread (", "pwrite (", "zero (", "flush (", "trim (")
 
@@ -67,9 +71,10 @@ def main() -> int:
         try:
             _wait_for(sock)
             uri = f"nbd+unix:///?socket={sock}"
-            rw, bs, qd, snapshot = ROWS[a.row]
-            fio(uri, "write", "1M", 1, size)  # written in full: an overwrite, not a fill
-            if snapshot:
+            rw, bs, qd, written, snapshot = ROWS[a.row]
+            if written:  # in full: an overwrite, not a fill
+                fio(uri, "write", "1M", 1, size)
+            if snapshot and a.system == "dittofs":  # (the pass-through plugin has none)
                 subprocess.run(
                     [str(REPO / ".venv" / "bin" / "snapctl"), "--control", str(ctl)]
                     + ["create", "prof"],
@@ -96,9 +101,8 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(0.5)
-            # first_seq: each pass over the volume is a first write only once, so the run is
-            # as long as one pass (fio stops at the end of the volume)
-            r = fio(uri, rw, bs, qd, size, runtime=None if snapshot else a.seconds)
+            once = snapshot or not written  # a first write or a fill happens once
+            r = fio(uri, rw, bs, qd, size, runtime=None if once else a.seconds)
             spy.wait()
             print(
                 f"{a.row} on {a.system}: {r['bw'] / (1 << 20):,.0f} MiB/s over {r['seconds']:.1f} s"

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Regenerate the generated parts of docs/format.md and docs/control-protocol.md.
+"""Regenerate the generated parts of docs/format.md, docs/control-protocol.md and docs/snapctl.md.
 
     .venv/bin/python scripts/gen_docs.py [--check]
 
 Each document has a marker line; everything after it is generated from the declarations (the
 on-disk records in fsimpl/layout.py; the control operations in fsimpl/operations.py and the
-error codes in fsimpl/errors.py) and the prose before it is kept. --check changes nothing and
+error codes in fsimpl/errors.py; snapctl's commands from click's command tree) and the prose
+before it is kept. --check changes nothing and
 exits 1 when a document is out of date (tests/test_docs_generated.py does the same).
 """
 
@@ -18,6 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import click  # noqa: E402
+
+from cli.main import main as snapctl_main  # noqa: E402
 from fsimpl.errors import describe_errors  # noqa: E402
 from fsimpl.layout import describe_format  # noqa: E402
 from fsimpl.operations import describe_operations  # noqa: E402
@@ -29,9 +33,32 @@ def _protocol() -> str:
     return "## Operations\n\n" + describe_operations() + "\n" + describe_errors()
 
 
+def describe_snapctl() -> str:
+    """Every command, group and subcommand of snapctl: its --help, as click renders it at a
+    fixed width (so the text is the same on every machine)."""
+    out = []
+    for path, cmd in walk_commands(snapctl_main):
+        name = " ".join(("snapctl", *path))
+        ctx = click.Context(cmd, info_name=name, terminal_width=100, max_content_width=100)
+        out.append(f"## {name}\n\n```text\n{cmd.get_help(ctx)}\n```\n")
+    return "\n".join(out)
+
+
+def walk_commands(
+    cmd: click.Command, path: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], click.Command]]:
+    """cmd and every command under it, groups before their subcommands, by name."""
+    found = [(path, cmd)]
+    if isinstance(cmd, click.Group):
+        for name in sorted(cmd.commands):
+            found += walk_commands(cmd.commands[name], (*path, name))
+    return found
+
+
 GENERATED: dict[Path, Callable[[], str]] = {
     ROOT / "docs" / "format.md": describe_format,
     ROOT / "docs" / "control-protocol.md": _protocol,
+    ROOT / "docs" / "snapctl.md": describe_snapctl,
 }
 
 

@@ -2,7 +2,8 @@
 
 docs/format.md shows every on-disk struct of fsimpl/layout.py; docs/control-protocol.md lists
 every control operation of fsimpl/operations.py and every error code of fsimpl/errors.py, with
-the codes only NBD clients see in their own table. Both are generated (scripts/gen_docs.py);
+the codes only NBD clients see in their own table; docs/snapctl.md holds every snapctl command
+with each of its options. All are generated (scripts/gen_docs.py);
 these tests fail when a document is stale, and they read the tables back independently of the
 generator, so a hand edit or a generator bug that drops a row fails too.
 """
@@ -14,6 +15,9 @@ import re
 from pathlib import Path
 from types import ModuleType
 
+import click
+
+from cli.main import main as snapctl_main
 from fsimpl import layout
 from fsimpl.errors import ERRORS_BY_CODE
 from fsimpl.operations import OPERATIONS
@@ -94,3 +98,28 @@ def test_every_operation_snapctl_calls_is_declared() -> None:
     assert called <= set(OPERATIONS), (
         f"snapctl calls undeclared operations: {called - set(OPERATIONS)}"
     )
+
+
+def test_snapctl_reference_has_every_command_and_option() -> None:
+    """Read back from docs/snapctl.md: a section per command of click's tree and nothing else,
+    each showing the command's usage line and every option it takes."""
+    text = (ROOT / "docs" / "snapctl.md").read_text()
+    expected: dict[str, click.Command] = {}
+    todo: list[tuple[str, click.Command]] = [("snapctl", snapctl_main)]
+    while todo:
+        name, cmd = todo.pop()
+        expected[name] = cmd
+        if isinstance(cmd, click.Group):
+            todo += [(f"{name} {sub}", c) for sub, c in cmd.commands.items()]
+    documented = re.findall(r"^## (snapctl.*)$", text, re.M)
+    assert len(documented) == len(set(documented)), "a command is documented twice"
+    assert set(documented) == set(expected), (
+        f"missing: {sorted(set(expected) - set(documented))}, "
+        f"not a command: {sorted(set(documented) - set(expected))}"
+    )
+    for name, cmd in expected.items():
+        section = _section(text, f"## {name}")
+        assert f"Usage: {name} " in section, f"{name}: no usage line"
+        for param in cmd.params:
+            if isinstance(param, click.Option) and not param.hidden:
+                assert param.opts[0] in section, f"{name}: option {param.opts[0]} not documented"

@@ -3,7 +3,7 @@
 These machines have no NBD module, so the guest is Debian's kernel booted under qemu's software
 emulation (tests/vm.py builds it once and caches it). nbdkit serves TCP on 127.0.0.1:PORT, a free
 port per test; the guest reaches it as 10.0.2.2:PORT through qemu's user networking and runs
-exactly the nbd-client commands the README shows:
+exactly the nbd-client commands docs/kernel-clients.md shows:
 
     nbd-client 10.0.2.2 PORT /dev/nbd0 -N live [-persist]
     nbd-client 10.0.2.2 PORT /dev/nbd1 -N live@NAME -readonly
@@ -16,7 +16,7 @@ The guest checks file contents itself (sha256 of every file, compared whole) and
 reached, in order. Every nbdkit (and qemu) is stopped by PID when a test ends, whatever happened.
 Never skips: a missing tool fails with what to install (scripts/setup.sh installs it all).
 
-Found while writing these (README, "From another machine: nbd-client over TCP"):
+Found while writing these (docs/kernel-clients.md, "From another machine: nbd-client over TCP"):
 
 * nbd-client 3.24 (Debian 12) with kernel 6.1 does not reconnect with `-persist`: with netlink
   (the default) it exits once the device is set up and the kernel fails the device when the
@@ -49,8 +49,8 @@ from support.snapctl import snapctl
 pytestmark = pytest.mark.slow
 
 SIZE = "256M"
-# What the README says nbd-client 3.24 -persist does after the server restarts (see above). If
-# this changes (another nbd-client or kernel), update the README section and this constant.
+# What docs/kernel-clients.md says nbd-client 3.24 -persist does after the server restarts (see
+# above). If this changes (another nbd-client or kernel), update that section and this constant.
 PERSIST_RECONNECTS = False
 # How long a SIGTERM'ed nbdkit may take to exit while the guest holds `live` connected.
 SIGTERM_GRACE = 10.0
@@ -58,7 +58,8 @@ SIGTERM_GRACE = 10.0
 # Shell functions for the guest scripts (busybox ash, `set -e`), after tests/vm.py's GUEST_LIB.
 GUEST = r"""
 NBD_HOST=10.0.2.2
-# nbdc DEVICE EXPORT [ARGS...]: nbd-client as the README shows it (host, port, device, -N).
+# nbdc DEVICE EXPORT [ARGS...]: nbd-client as docs/kernel-clients.md shows it (host, port,
+# device, -N).
 nbdc() {
   _dev=$1; _exp=$2; shift 2
   say "nbd-client $NBD_HOST $NBD_PORT $_dev -N $_exp $*"
@@ -343,8 +344,8 @@ refused bs=4096 count=1 oflag=direct
 mark write-refused-after-setrw
 # No write reached the server (it would have refused it: "Other side returned error").
 if dmesg | grep 'nbd1: Other side returned error'; then fail "a write reached the server"; fi
-# Connected again with -readonly (as the README shows it): the bytes of then, as the guest
-# reads them (O_DIRECT, from the server) and as the host reads them (libnbd).
+# Connected again with -readonly (as docs/kernel-clients.md shows it): the bytes of then, as the
+# guest reads them (O_DIRECT, from the server) and as the host reads them (libnbd).
 nbd-client -d /dev/nbd1
 nbdc /dev/nbd1 live@s1 -readonly
 now=$(dd if=/dev/nbd1 bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
@@ -478,16 +479,17 @@ def test_server_restart_under_connected_guest(
     )
     sums = shas(res)
     assert sums["before"] == sums["again"]
-    if not PERSIST_RECONNECTS:  # what the README says -persist -nonetlink does
+    if not PERSIST_RECONNECTS:  # what docs/kernel-clients.md says -persist -nonetlink does
         assert "Kernel call returned." in res.output, "nbd-client -nonetlink gave up otherwise"
     assert srv.stop() == 0, srv.log()
     # nbdkit 1.32 itself does not stop on SIGTERM while a client is connected and idle: it
-    # exits once the client's next request arrives (failing it with ESHUTDOWN). The README
-    # documents this, and `snapctl serve` (the way to run dittofs as a service) commits and
-    # ends nbdkit itself after a grace period (tests/test_t5_serve_stop.py). If a newer nbdkit
-    # stops promptly, this fails so the README gets updated.
+    # exits once the client's next request arrives (failing it with ESHUTDOWN).
+    # docs/kernel-clients.md documents this, and `snapctl serve` (the way to run dittofs as a
+    # service) commits and ends nbdkit itself after a grace period
+    # (tests/test_t5_serve_stop.py). If a newer nbdkit stops promptly, this fails so
+    # docs/kernel-clients.md gets updated.
     if how == "sigterm":
-        assert steps.findings, "nbdkit now stops promptly on SIGTERM: update the README"
+        assert steps.findings, "nbdkit now stops promptly on SIGTERM: update docs/kernel-clients.md"
 
 
 # --- 4: live@latest ------------------------------------------------------------------------
@@ -541,8 +543,9 @@ mark detached
 
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[Callable[[Path, int], dict[str, str]]]:
-    """`snapctl serve DISK --port N --address 127.0.0.1 --background` (the README's command);
-    nbdkit and its supervising snapctl are stopped by PID at the end."""
+    """`snapctl serve DISK --port N --address 127.0.0.1 --background` (the command
+    docs/kernel-clients.md shows); nbdkit and its supervising snapctl are stopped by PID at the
+    end."""
     pids: list[int] = []
     env = {k: v for k, v in os.environ.items() if k not in ("DITTOFS_DISK", "NOTIFY_SOCKET")}
     env["DITTOFS_RUNDIR"] = str(tmp_path / "run")

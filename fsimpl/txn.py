@@ -649,10 +649,16 @@ class Pool:
         self.touch_snapshot(rec)
         for vol in self.covering(rec.id):
             if vol.inode.snap_id == rec.id:
-                active = [
-                    s for s in vol.chain if s != rec.id and self.snapshots[s].state == SNAP_ACTIVE
-                ]
-                vol.inode.snap_id = max(active, default=0)
+                # the newest other active snapshot: from the top of the (ascending) chain, so
+                # it costs the snapshots above it, not the whole chain
+                vol.inode.snap_id = next(
+                    (
+                        s
+                        for s in reversed(vol.chain)
+                        if s != rec.id and self.snapshots[s].state == SNAP_ACTIVE
+                    ),
+                    0,
+                )
                 self.touch_inode(vol.inode)
 
     def pending_deletes(self) -> list[int]:

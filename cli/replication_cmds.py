@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from fsimpl.errors import InvalidArgument
 from fsimpl.keys import read_psk
 
 from .app import Context, complete_snapshot, main, run
+from .outfile import output_file
 from .render import Renderer, human_size
 
 KEY_OPTION = click.option(
@@ -69,13 +71,9 @@ def send(
         if output is None and sys.stdout.isatty():
             raise InvalidArgument("the stream is binary: redirect stdout or give -o FILE")
         args = {"from": from_snap, "to": snapshot, "resume": resume, **_key(key_file)}
-        fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600) if output else 1
-        try:
-            with obj.client() as c:
-                r = c.call("send", args, None, fd)
-        finally:
-            if output:
-                os.close(fd)
+        out = output_file(output) if output else contextlib.nullcontext(1)
+        with out as fd, obj.client() as c:
+            r = c.call("send", args, None, fd)
         msg = json.dumps(r) if as_json else f"sent {r['records']} records, {r['blocks']} blocks"
         click.echo(msg, err=True)
 

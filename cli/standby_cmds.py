@@ -19,6 +19,7 @@ from fsimpl.keys import read_psk
 from fsimpl.standby import parse_address
 
 from .app import Context, main, run
+from .outfile import output_file
 from .render import human_size
 
 KEY = click.option(
@@ -270,14 +271,12 @@ def standby_demote(obj: Context, key_file: str, save_diverged: str | None) -> No
     """Rejoin as standby: roll live back to the last snapshot the peer acknowledged."""
 
     def body() -> None:
-        fd = None
+        auth = _auth(key_file)
         if save_diverged:
-            fd = os.open(save_diverged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            r = _call(obj, "standby_demote", _auth(key_file), fd)
-        finally:
-            if fd is not None:
-                os.close(fd)
+            with output_file(save_diverged) as fd:
+                r = _call(obj, "standby_demote", auth, fd)
+        else:
+            r = _call(obj, "standby_demote", auth, None)
         click.echo(
             f"this pool is now a standby at {r['restored']}; discarded "
             f"{human_size(r['discarded_bytes'])}"

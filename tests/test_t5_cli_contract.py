@@ -3,7 +3,7 @@ editing a list here):
 
 * `--help` of every command, group and subcommand shows an example (`Example: snapctl ...`);
 * a usage error exits 2 with one `snapctl: ` line;
-* pointed at a pool that does not exist, a command exits 3 with one line;
+* pointed at a pool that does not exist, a command exits 3 with one line, and leaves no file;
 * the example in its `--help` runs against a fixture pool and exits 0;
 * where `--json` is offered, its output parses.
 
@@ -31,6 +31,7 @@ from support.snapctl import SNAPCTL, snapctl
 from support.snapctl import shown as show
 
 from cli.main import main
+from fsimpl.layout import STREAM_MAGIC
 
 MISSING = "/nonexistent/pool.img"
 GOLDEN_V1 = Path(__file__).resolve().parent / "golden" / "pool-v1-default.img.gz"
@@ -183,13 +184,37 @@ def test_a_usage_error_is_exit_2_and_one_line(path: tuple[str, ...]) -> None:
 
 
 @pytest.mark.parametrize("path", NEEDS_A_POOL, ids=ident)
-def test_a_missing_pool_is_exit_3_and_one_line(path: tuple[str, ...]) -> None:
+def test_a_missing_pool_is_exit_3_and_one_line(path: tuple[str, ...], tmp_path: Path) -> None:
+    """...and the failed command leaves nothing behind (run where it would write its files)."""
     argv = example_argv(
         path, {"pool.img": Path(MISSING), "a.img": Path(MISSING), "b.img": Path(MISSING)}
     )
     if "-d" not in argv and MISSING not in argv:
         argv = ["-d", MISSING, *argv]
-    one_line_error(snapctl(*argv, timeout=60), MISSING_POOL_EXIT.get(ident(path), (3, ""))[0])
+    cp = run_in(tmp_path, argv)
+    one_line_error(cp, MISSING_POOL_EXIT.get(ident(path), (3, ""))[0])
+    assert list(tmp_path.iterdir()) == [], f"left behind: {list(tmp_path.iterdir())}"
+
+
+def test_a_failed_command_keeps_the_file_it_would_write(fixture_pool: Path, tmp_path: Path) -> None:
+    """send -o and standby demote --save-diverged write a file: one that fails leaves what was
+    there (or nothing), and one that succeeds replaces it whole."""
+    kept = tmp_path / "kept.stream"
+    kept.write_bytes(b"what was there")
+    for argv in (
+        ["-d", str(fixture_pool), "send", "no-such-snapshot", "-o", str(kept)],
+        ["-d", MISSING, "send", "s2", "-o", str(kept)],
+        ["-d", str(fixture_pool), "standby", "demote", "--save-diverged", str(kept)]
+        + ["--key-file", str(tmp_path / "no-such.psk")],
+    ):
+        cp = run_in(tmp_path, argv)
+        assert cp.returncode != 0, show(cp)
+        assert kept.read_bytes() == b"what was there", show(cp)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.stream"], show(cp)
+    cp = run_in(tmp_path, ["-d", str(fixture_pool), "send", "s2", "-o", str(kept)])
+    assert cp.returncode == 0, show(cp)
+    assert kept.read_bytes().startswith(STREAM_MAGIC), "not replaced by the stream"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.stream"]
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=ident)
@@ -212,7 +237,7 @@ def run_example(
     name: str, path: tuple[str, ...], disks: dict[str, Path], cwd: Path, *extra: str
 ) -> subprocess.CompletedProcess[str]:
     """Prepare what the example needs, run it in cwd (plus extra arguments), and require
-    exit 0. Output is bytes decoded leniently: send's stream goes to stdout."""
+    exit 0."""
     if name in CREATES_ITS_POOL:
         disks = {**disks, "pool.img": cwd / "new.img"}
     if name == "upgrade":  # what it upgrades: a pool an earlier release wrote
@@ -226,14 +251,19 @@ def run_example(
     argv = example_argv(path, disks)
     if extra and extra[0] not in argv:
         argv += list(extra)
+    cp = run_in(cwd, argv)
+    assert cp.returncode == 0, show(cp)
+    return cp
+
+
+def run_in(cwd: Path, argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """snapctl ARGV in cwd; output is bytes decoded leniently (send's stream is on stdout)."""
     raw = subprocess.run(
         [str(SNAPCTL), *argv], cwd=cwd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL
     )
-    cp = subprocess.CompletedProcess(
+    return subprocess.CompletedProcess(
         raw.args,
         raw.returncode,
         raw.stdout.decode(errors="replace"),
         raw.stderr.decode(errors="replace"),
     )
-    assert cp.returncode == 0, show(cp)
-    return cp

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -22,6 +22,17 @@ class Context:
 
     def client(self) -> PoolClient:
         return connect(self.disk, self.control)
+
+
+def walk_commands(
+    cmd: click.Command, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    """cmd and every command under it with its path of names, groups before their
+    subcommands, by name: what the reference (docs/snapctl.md) and the contract test cover."""
+    yield path, cmd
+    if isinstance(cmd, click.Group):
+        for name in sorted(cmd.commands):
+            yield from walk_commands(cmd.commands[name], (*path, name))
 
 
 def run(fn: Callable[[], None]) -> None:

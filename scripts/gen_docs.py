@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import click  # noqa: E402
 
+from cli.app import walk_commands  # noqa: E402
 from cli.main import main as snapctl_main  # noqa: E402
 from fsimpl.errors import describe_errors  # noqa: E402
 from fsimpl.layout import describe_format  # noqa: E402
@@ -42,17 +43,6 @@ def describe_snapctl() -> str:
         ctx = click.Context(cmd, info_name=name, terminal_width=100, max_content_width=100)
         out.append(f"## {name}\n\n```text\n{cmd.get_help(ctx)}\n```\n")
     return "\n".join(out)
-
-
-def walk_commands(
-    cmd: click.Command, path: tuple[str, ...] = ()
-) -> list[tuple[tuple[str, ...], click.Command]]:
-    """cmd and every command under it, groups before their subcommands, by name."""
-    found = [(path, cmd)]
-    if isinstance(cmd, click.Group):
-        for name in sorted(cmd.commands):
-            found += walk_commands(cmd.commands[name], (*path, name))
-    return found
 
 
 GENERATED: dict[Path, Callable[[], str]] = {

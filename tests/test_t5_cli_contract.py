@@ -22,7 +22,6 @@ import re
 import shlex
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -30,6 +29,7 @@ import pytest
 from support.snapctl import SNAPCTL, snapctl
 from support.snapctl import shown as show
 
+from cli.app import walk_commands
 from cli.main import main
 from fsimpl.layout import STREAM_MAGIC
 
@@ -37,21 +37,11 @@ MISSING = "/nonexistent/pool.img"
 GOLDEN_V1 = Path(__file__).resolve().parent / "golden" / "pool-v1-default.img.gz"
 
 
-def walk(
-    cmd: click.Command, path: tuple[str, ...] = ()
-) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    """Every command and group under cmd, groups before their subcommands."""
-    yield path, cmd
-    if isinstance(cmd, click.Group):
-        for name in sorted(cmd.commands):
-            yield from walk(cmd.commands[name], (*path, name))
-
-
-EVERY = [path for path, _ in walk(main) if path]
-LEAVES = [path for path, cmd in walk(main) if path and not isinstance(cmd, click.Group)]
+EVERY = [path for path, _ in walk_commands(main) if path]
+LEAVES = [path for path, cmd in walk_commands(main) if path and not isinstance(cmd, click.Group)]
 WITH_JSON = [
     path
-    for path, cmd in walk(main)
+    for path, cmd in walk_commands(main)
     if path and any(isinstance(p, click.Option) and "--json" in p.opts for p in cmd.params)
 ]
 
